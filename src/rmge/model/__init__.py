@@ -1,0 +1,4 @@
+from ._model import RMGEModel
+from ._module import RMGEModule
+
+__all__ = ["RMGEModel", "RMGEModule"]

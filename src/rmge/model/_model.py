@@ -1,0 +1,768 @@
+"""RMGEModel: the scvi-tools model class of the Robust MetaGene Extractor."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+from scvi import settings
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LabelsWithUnlabeledObsField, LayerField
+from scvi.model._utils import use_distributed_sampler
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+from scvi.train import TrainRunner
+from scvi.utils import setup_anndata_dsp
+
+from rmge._constants import COUNTS, LOG_NORMALIZED, REGISTRY_KEYS
+from rmge._validation import check_nonnegative_finite, detect_value_kind
+
+from ._module import MAX_Z, N_QUANTILES, TARGET_SUM, RMGEModule
+from ._trainingplan import RMGEDataSplitter, RMGETrainingPlan
+
+logger = logging.getLogger(__name__)
+
+_UNLABELED = "__rmge_unlabeled__"
+_DOMAIN_COL = "_rmge_domain"
+_LABELS_COL = "_rmge_labels"
+_GROUP_COL = "_rmge_group"
+_QUERY = "query"
+_REFERENCE = "reference"
+_BLOCK = 20_000
+_MIN_STD = 1e-2
+
+
+def _row_blocks(X, rows: np.ndarray, block: int = _BLOCK):
+    """Yield (row positions, CSR block) over ``rows`` of ``X`` without densifying ``X``."""
+    for start in range(0, len(rows), block):
+        r = rows[start : start + block]
+        sub = X[r]
+        if not sp.issparse(sub):
+            sub = sp.csr_matrix(np.asarray(sub))
+        yield r, sp.csr_matrix(sub, dtype=np.float64)
+
+
+def _thin_csr(block: sp.csr_matrix, scale: np.ndarray, gene_factor: np.ndarray, rng) -> sp.csr_matrix:
+    """Numpy twin of :meth:`RMGEModule.thin` on a CSR block (same retention probabilities)."""
+    row = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+    p = np.clip(scale[row] * gene_factor[block.indices], 0.0, 1.0)
+    data = rng.binomial(np.round(block.data).astype(np.int64), p).astype(np.float64)
+    out = sp.csr_matrix((data, block.indices, block.indptr), shape=block.shape)
+    out.eliminate_zeros()
+    return out
+
+
+def _log_norm(block: sp.csr_matrix) -> sp.csr_matrix:
+    lib = np.asarray(block.sum(1)).ravel()
+    inv = TARGET_SUM / np.maximum(lib, 1.0)
+    out = sp.csr_matrix(sp.diags(inv) @ block)
+    out.data = np.log1p(out.data)
+    return out
+
+
+class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
+    """Robust MetaGene Extractor: label transfer from a reference to sparse spatial data.
+
+    A linear encoder maps each cell's standardised log expression to one activity per reference
+    cell type (row ``k`` of its weights is the *metagene* of type ``k``); a linear decoder
+    reconstructs expression from the activities. Reference counts are thinned at every minibatch
+    to the spatial depth and gene capture (*sparsity matching*); a discriminator on class
+    probabilities drives the two domains together (*adversarial alignment*); priors on the
+    spatial side (composition, entropy, confident pseudo-labels) adapt the classifier to the
+    spatial data.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`, holding reference and spatial cells.
+    dropout_rate
+        Input dropout of the metagene encoder.
+    standardize
+        Standardise each gene within each domain (and section) before the encoder. Removes most of
+        the platform shift between reference and spatial data.
+    sparsity_matching
+        ``"auto"`` (on when both domains hold integer counts), ``True`` or ``False``.
+    prior
+        Prior composition of the spatial cells for the KL term: ``"reference"`` (reference
+        proportions), ``"uniform"``, a mapping class → proportion, or ``None`` (no KL term).
+    classification_weight, reconstruction_weight, l2_weight, kl_weight, adversarial_weight,
+    entropy_weight, pseudo_label_weight
+        Weights of the loss terms (see :class:`~rmge.RMGEModule`).
+    entropy_on
+        ``"spatial"`` or ``"reference"``: whose predictions the entropy term sharpens.
+    reconstruct
+        ``"both"`` or ``"reference"``: which cells the decoder reconstructs.
+    adversarial_target
+        ``"half"`` (both domains pushed to 0.5, as the original) or ``"flip"``.
+    pseudo_label_threshold
+        Confidence above which a spatial prediction becomes a pseudo-label.
+    class_weight
+        ``"inverse"`` (1/count, as the original) or ``None`` (all classes equal).
+    label_smoothing
+        Label smoothing of the reference cross-entropy.
+    lr, lr_discriminator, weight_decay
+        Optimiser settings, used as defaults of :meth:`train`.
+    **module_kwargs
+        Further keyword arguments of :class:`~rmge.RMGEModule`.
+
+    Examples
+    --------
+    >>> adata = rmge.pp.prepare(reference, spatial, labels_key="cell_type")
+    >>> rmge.RMGEModel.setup_anndata(adata, labels_key="cell_type", domain_key="domain")
+    >>> model = rmge.RMGEModel(adata)
+    >>> model.train()
+    >>> adata.obs["rmge_label"] = model.predict()
+    >>> original = rmge.RMGEModel(adata, **rmge.RMGEModel.ORIGINAL)
+    """
+
+    _module_cls = RMGEModule
+    _data_splitter_cls = RMGEDataSplitter
+    _training_plan_cls = RMGETrainingPlan
+    _train_runner_cls = TrainRunner
+
+    #: Settings of the original RMGE method (its loss weights, optimiser and preprocessing choices).
+    #: Deviations: thinning is drawn afresh for every minibatch and training is minibatched.
+    ORIGINAL: dict = {
+        "dropout_rate": 0.8,
+        "standardize": False,
+        "class_weight": "inverse",
+        "classification_weight": 1.0,
+        "l2_weight": 0.01,
+        "kl_weight": 1.0,
+        "prior": "reference",
+        "adversarial_weight": 0.1,
+        "adversarial_target": "half",
+        "reconstruction_weight": 1.0,
+        "reconstruct": "reference",
+        "entropy_weight": 1.0,
+        "entropy_on": "reference",
+        "pseudo_label_weight": 0.0,
+        "label_smoothing": 0.0,
+        "lr": 0.01,
+        "lr_discriminator": 0.001,
+    }
+
+    def __init__(
+        self,
+        adata: AnnData,
+        dropout_rate: float = 0.5,
+        standardize: bool = True,
+        sparsity_matching: bool | Literal["auto"] = "auto",
+        prior: str | dict | None = None,
+        classification_weight: float = 1.0,
+        reconstruction_weight: float = 0.1,
+        l2_weight: float = 0.0,
+        kl_weight: float = 0.0,
+        adversarial_weight: float = 0.1,
+        entropy_weight: float = 0.1,
+        pseudo_label_weight: float = 1.0,
+        entropy_on: Literal["spatial", "reference"] = "spatial",
+        reconstruct: Literal["both", "reference"] = "both",
+        adversarial_target: Literal["half", "flip"] = "half",
+        pseudo_label_threshold: float = 0.9,
+        class_weight: Literal["inverse"] | None = "inverse",
+        label_smoothing: float = 0.0,
+        lr: float = 1e-2,
+        lr_discriminator: float = 1e-3,
+        weight_decay: float = 0.0,
+        **module_kwargs,
+    ):
+        super().__init__(adata)
+        for name, value, allowed in (
+            ("entropy_on", entropy_on, ("spatial", "reference")),
+            ("reconstruct", reconstruct, ("both", "reference")),
+            ("adversarial_target", adversarial_target, ("half", "flip")),
+            ("class_weight", class_weight, ("inverse", None)),
+        ):
+            if value not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
+        if not 0 <= dropout_rate < 1:
+            raise ValueError(f"`dropout_rate` must be in [0, 1), got {dropout_rate}.")
+
+        classes = self.classes_
+        n_labels = len(classes)
+        stats = self._compute_statistics(sparsity_matching)
+        counts = stats["label_counts"].astype(np.float64)
+        if class_weight == "inverse":
+            w = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
+            w = w * counts.sum() / max((w * counts).sum(), 1e-12)
+        else:
+            w = np.ones(n_labels)
+        prior_vec = self._prior_vector(prior, counts)
+
+        self.module = self._module_cls(
+            n_input=self.summary_stats.n_vars,
+            n_labels=n_labels,
+            n_groups=len(stats["group_is_reference"]),
+            group_is_reference=torch.as_tensor(stats["group_is_reference"]),
+            group_mean=torch.as_tensor(stats["group_mean"]),
+            group_std=torch.as_tensor(stats["group_std"]),
+            gene_factor=torch.as_tensor(stats["gene_factor"]),
+            ref_lib_quantiles=torch.as_tensor(stats["ref_lib_quantiles"]),
+            spatial_lib_quantiles=torch.as_tensor(stats["spatial_lib_quantiles"]),
+            class_weights=torch.as_tensor(w),
+            prior=None if prior_vec is None else torch.as_tensor(prior_vec),
+            dropout_rate=dropout_rate,
+            standardize=standardize,
+            sparsity_matching=stats["sparsity_matching"],
+            classification_weight=classification_weight,
+            reconstruction_weight=reconstruction_weight,
+            l2_weight=l2_weight,
+            kl_weight=kl_weight,
+            adversarial_weight=adversarial_weight,
+            entropy_weight=entropy_weight,
+            pseudo_label_weight=pseudo_label_weight,
+            entropy_on=entropy_on,
+            reconstruct=reconstruct,
+            adversarial_target=adversarial_target,
+            pseudo_label_threshold=pseudo_label_threshold,
+            label_smoothing=label_smoothing,
+            **module_kwargs,
+        )
+        self._plan_defaults = {"lr": lr, "lr_discriminator": lr_discriminator, "weight_decay": weight_decay}
+        self._model_summary_string = (
+            f"RMGE model: {self.summary_stats.n_vars} genes, {n_labels} cell types, "
+            f"dropout {dropout_rate}, standardize={standardize}, "
+            f"sparsity matching={'on' if stats['sparsity_matching'] else 'off'}"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ set-up
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        labels_key: str,
+        domain_key: str = "domain",
+        reference_domain: str = "reference",
+        layer: str | None = None,
+        batch_key: str | None = None,
+        **kwargs,
+    ):
+        """Register an AnnData holding reference and spatial cells.
+
+        Parameters
+        ----------
+        adata
+            One AnnData with reference and spatial (query) cells; counts (sparse or dense) in
+            ``layer`` (or ``X``). :func:`rmge.pp.prepare` builds it from two AnnData objects.
+        labels_key
+            Column of ``adata.obs`` with the reference cell types (values of spatial cells are ignored).
+        domain_key
+            Column of ``adata.obs`` telling each cell's domain.
+        reference_domain
+            Value of ``domain_key`` marking reference cells; every other cell is a query cell.
+        layer
+            Layer holding counts; ``None`` uses ``adata.X``.
+        batch_key
+            Optional column with sections/batches; each (domain, section) pair is standardised on its own.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        transferring = kwargs.get("source_registry") is not None
+        cls._add_internal_columns(adata, labels_key, domain_key, reference_domain, batch_key, strict=not transferring)
+        X = adata.layers[layer] if layer is not None else adata.X
+        if not transferring:
+            cls._validate_values(adata, X, layer)
+        anndata_fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
+            LabelsWithUnlabeledObsField(REGISTRY_KEYS.LABELS_KEY, _LABELS_COL, _UNLABELED),
+            CategoricalObsField(REGISTRY_KEYS.DOMAIN_KEY, _DOMAIN_COL),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, _GROUP_COL),
+        ]
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    @staticmethod
+    def _add_internal_columns(adata, labels_key, domain_key, reference_domain, batch_key, strict: bool = True):
+        """Write the internal label, domain and group columns, checking the user's columns."""
+        obs = adata.obs
+        if domain_key not in obs:
+            if strict:
+                raise ValueError(
+                    f"Domain column {domain_key!r} not found in adata.obs (columns: {list(obs.columns)}). "
+                    "Add a column telling reference from spatial cells, or build the AnnData with rmge.pp.prepare."
+                )
+            warnings.warn(
+                f"adata.obs has no domain column {domain_key!r}: all its cells are treated as spatial (query) cells.",
+                UserWarning,
+                stacklevel=3,
+            )
+            is_ref = np.zeros(adata.n_obs, dtype=bool)
+        else:
+            is_ref = (obs[domain_key].astype(str) == str(reference_domain)).to_numpy()
+        if labels_key not in obs:
+            if strict:
+                raise ValueError(
+                    f"Label column {labels_key!r} not found in adata.obs (columns: {list(obs.columns)}). "
+                    "Pass the column holding the reference cell types as `labels_key`."
+                )
+            labels = pd.Series(np.nan, index=obs.index, dtype=object)
+        else:
+            labels = obs[labels_key]
+        if strict:
+            if not is_ref.any():
+                values = list(pd.unique(obs[domain_key].astype(str)))[:10]
+                raise ValueError(
+                    f"No reference cells: no value of adata.obs[{domain_key!r}] equals reference_domain="
+                    f"{reference_domain!r} (values: {values}). Set `reference_domain` to the value marking reference cells."
+                )
+            if is_ref.all():
+                raise ValueError(
+                    f"No query cells: every cell has adata.obs[{domain_key!r}] == {reference_domain!r}. "
+                    "Add the spatial cells to the AnnData (rmge.pp.prepare combines reference and spatial data)."
+                )
+            ref_labels = labels[is_ref]
+            n_missing = int(ref_labels.isna().sum())
+            if n_missing:
+                raise ValueError(
+                    f"{n_missing} reference cell(s) have no label in adata.obs[{labels_key!r}]. "
+                    "Remove them or give them a label before setup_anndata."
+                )
+            n_classes = ref_labels.astype(str).nunique()
+            if n_classes < 2:
+                raise ValueError(
+                    f"The reference has a single cell type in adata.obs[{labels_key!r}] "
+                    f"({ref_labels.astype(str).iloc[0]!r}); label transfer needs at least two types."
+                )
+        lab = labels.astype(object).where(is_ref, _UNLABELED)
+        lab = lab.where(~(pd.isna(lab)), _UNLABELED).astype(str)
+        obs[_LABELS_COL] = pd.Categorical(lab)
+        obs[_DOMAIN_COL] = pd.Categorical(np.where(is_ref, _REFERENCE, _QUERY), categories=[_REFERENCE, _QUERY])
+        group = np.where(is_ref, _REFERENCE, _QUERY).astype(object)
+        if batch_key is not None:
+            if batch_key not in obs:
+                raise ValueError(f"Batch column {batch_key!r} not found in adata.obs (columns: {list(obs.columns)}).")
+            group = group + "|" + obs[batch_key].astype(str).to_numpy()
+        obs[_GROUP_COL] = pd.Categorical(group)
+
+    @staticmethod
+    def _validate_values(adata: AnnData, X, layer: str | None) -> None:
+        where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+        if X.shape[1] == 0:
+            raise ValueError(f"{where} has no genes.")
+        check_nonnegative_finite(X, where)
+        is_ref = (adata.obs[_DOMAIN_COL] == _REFERENCE).to_numpy()
+        for name, mask in (("reference", is_ref), ("spatial", ~is_ref)):
+            rows = np.flatnonzero(mask)
+            kind = detect_value_kind(X[rows[: min(len(rows), 5_000)]])
+            if kind == LOG_NORMALIZED:
+                raise ValueError(
+                    f"The {name} cells in {where} look log-normalised (non-integer values below 20); RMGE needs "
+                    "counts. Pass raw counts (e.g. `layer='counts'`), or build the AnnData with rmge.pp.prepare, "
+                    "which converts log-normalised input back with expm1."
+                )
+        lib = np.asarray(X.sum(axis=1)).ravel()
+        empty = lib <= 0
+        if empty.any():
+            n_ref = int((empty & is_ref).sum())
+            n_q = int((empty & ~is_ref).sum())
+            raise ValueError(
+                f"{int(empty.sum())} cell(s) have no counts ({n_ref} reference, {n_q} spatial). Remove empty cells "
+                "first, e.g. `sc.pp.filter_cells(adata, min_counts=1)`."
+            )
+
+    def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True) -> AnnData:
+        """Validate an AnnData, writing the internal columns of a new one from its user columns."""
+        if adata is not None and adata is not self.adata:
+            args = self.adata_manager.registry["setup_args"]
+            if copy_if_view and adata.is_view:
+                adata = adata.copy()
+            self._add_internal_columns(
+                adata, args["labels_key"], args["domain_key"], args["reference_domain"], args["batch_key"], strict=False
+            )
+            missing = np.setdiff1d(self.adata.var_names, adata.var_names)
+            if len(missing) or adata.n_vars != self.adata.n_vars or not np.array_equal(adata.var_names, self.adata.var_names):
+                raise ValueError(self._gene_mismatch_message(np.asarray(self.adata.var_names), np.asarray(adata.var_names)))
+        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
+    @staticmethod
+    def _gene_mismatch_message(model_genes: np.ndarray, data_genes: np.ndarray) -> str:
+        missing = np.setdiff1d(model_genes, data_genes)
+        extra = np.setdiff1d(data_genes, model_genes)
+        msg = (
+            f"The AnnData's genes do not match the model's: the model has {len(model_genes)} genes, the AnnData "
+            f"{len(data_genes)}; {len(missing)} model gene(s) missing (e.g. {list(missing[:5])}), {len(extra)} "
+            f"extra (e.g. {list(extra[:5])})."
+        )
+        if not len(missing):
+            msg += " Select and order the genes as the model's: `adata = adata[:, model.adata.var_names].copy()`."
+        else:
+            msg += " Use an AnnData with the genes the model was trained on (same names, same order)."
+        return msg
+
+    # ------------------------------------------------------------------ statistics
+    @property
+    def classes_(self) -> list[str]:
+        """Reference cell types, in the order of the model's outputs."""
+        mapping = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
+        return [str(c) for c in mapping if c != _UNLABELED]
+
+    def _prior_vector(self, prior, counts: np.ndarray) -> np.ndarray | None:
+        if prior is None:
+            return None
+        if isinstance(prior, str):
+            if prior == "reference":
+                return counts / counts.sum()
+            if prior == "uniform":
+                return np.full(len(counts), 1.0 / len(counts))
+            raise ValueError(f"`prior` must be 'reference', 'uniform', a mapping or None, got {prior!r}.")
+        prior = dict(prior)
+        unknown = set(prior) - set(self.classes_)
+        if unknown:
+            raise ValueError(f"`prior` names classes not in the reference: {sorted(unknown)}.")
+        vec = np.array([float(prior.get(c, 0.0)) for c in self.classes_])
+        if vec.sum() <= 0 or (vec < 0).any():
+            raise ValueError("`prior` must hold non-negative proportions with a positive sum.")
+        return vec / vec.sum()
+
+    def _compute_statistics(self, sparsity_matching) -> dict:
+        """Library-size quantiles, gene capture factors and per-group standardisation statistics."""
+        manager = self.adata_manager
+        X = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        domain = np.asarray(manager.get_from_registry(REGISTRY_KEYS.DOMAIN_KEY)).ravel()
+        group = np.asarray(manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).ravel()
+        labels = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
+        domain_map = list(manager.get_state_registry(REGISTRY_KEYS.DOMAIN_KEY).categorical_mapping)
+        group_map = list(manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping)
+        ref_code = domain_map.index(_REFERENCE)
+        is_ref = domain == ref_code
+        n_genes = X.shape[1]
+        n_labels = len(self.classes_)
+        label_counts = np.bincount(labels[is_ref], minlength=n_labels + 1)[:n_labels]
+
+        # pass 1: library sizes and mean gene proportions per domain
+        lib = np.zeros(X.shape[0])
+        prop_sum = {True: np.zeros(n_genes), False: np.zeros(n_genes)}
+        for rows, block in _row_blocks(X, np.arange(X.shape[0])):
+            bl = np.asarray(block.sum(1)).ravel()
+            lib[rows] = bl
+            scaled = sp.diags(1.0 / np.maximum(bl, 1e-12)) @ block
+            for dom in (True, False):
+                m = is_ref[rows] == dom
+                if m.any():
+                    prop_sum[dom] += np.asarray(scaled[np.flatnonzero(m)].sum(0)).ravel()
+        n_ref, n_q = int(is_ref.sum()), int((~is_ref).sum())
+        qs = np.linspace(0, 1, N_QUANTILES)
+        ref_q = np.quantile(lib[is_ref], qs) if n_ref else np.zeros(N_QUANTILES)
+        sp_q = np.quantile(lib[~is_ref], qs) if n_q else np.zeros(N_QUANTILES)
+        ref_prop = prop_sum[True] / max(n_ref, 1)
+        sp_prop = prop_sum[False] / max(n_q, 1)
+        eps = 1e-3 / n_genes
+        factor = (sp_prop + eps) / (ref_prop + eps)
+        factor = np.clip(factor / factor.mean(), 1e-2, 1e2)
+        factor = factor / factor.mean()
+
+        # decide on sparsity matching
+        if n_ref and n_q:
+            kinds = {
+                "reference": detect_value_kind(X[np.flatnonzero(is_ref)[:5_000]]),
+                "spatial": detect_value_kind(X[np.flatnonzero(~is_ref)[:5_000]]),
+            }
+        else:
+            kinds = {"reference": COUNTS, "spatial": COUNTS}
+        both_counts = all(k == COUNTS for k in kinds.values())
+        if sparsity_matching == "auto":
+            use_thin = both_counts
+            if not both_counts and n_ref and n_q:
+                logger.info(
+                    "Sparsity matching is off: it needs counts on both sides (reference: %s, spatial: %s).",
+                    kinds["reference"],
+                    kinds["spatial"],
+                )
+        elif sparsity_matching:
+            if not both_counts:
+                raise ValueError(
+                    f"sparsity_matching=True needs integer counts in both domains (reference: {kinds['reference']}, "
+                    f"spatial: {kinds['spatial']}). Pass counts or use sparsity_matching='auto'/False."
+                )
+            use_thin = True
+        else:
+            use_thin = False
+
+        # pass 2: per-group mean and std of log1p(normalize_total) (reference thinned as in training)
+        rng = np.random.default_rng(settings.seed)
+        n_groups = len(group_map)
+        s1 = np.zeros((n_groups, n_genes))
+        s2 = np.zeros((n_groups, n_genes))
+        n_g = np.zeros(n_groups)
+        gis_ref = np.zeros(n_groups, dtype=bool)
+        for gi in range(n_groups):
+            rows = np.flatnonzero(group == gi)
+            if not len(rows):
+                continue
+            gis_ref[gi] = bool(is_ref[rows[0]])
+            for r, block in _row_blocks(X, rows):
+                if use_thin and gis_ref[gi]:
+                    rank = np.searchsorted(ref_q, lib[r], side="right") / N_QUANTILES
+                    target = np.interp(np.clip(rank, 0, 1) * (N_QUANTILES - 1), np.arange(N_QUANTILES), sp_q)
+                    wlib = np.asarray(block @ factor).ravel()
+                    block = _thin_csr(block, target / np.maximum(wlib, 1e-8), factor, rng)
+                ln = _log_norm(block)
+                s1[gi] += np.asarray(ln.sum(0)).ravel()
+                s2[gi] += np.asarray(ln.multiply(ln).sum(0)).ravel()
+                n_g[gi] += len(r)
+        mean = s1 / np.maximum(n_g, 1)[:, None]
+        var = np.maximum(s2 / np.maximum(n_g, 1)[:, None] - mean**2, 0.0)
+        std = np.maximum(np.sqrt(var), _MIN_STD)
+        return {
+            "label_counts": label_counts,
+            "group_is_reference": gis_ref,
+            "group_mean": mean.astype(np.float32),
+            "group_std": std.astype(np.float32),
+            "gene_factor": factor.astype(np.float32),
+            "ref_lib_quantiles": ref_q.astype(np.float32),
+            "spatial_lib_quantiles": sp_q.astype(np.float32),
+            "sparsity_matching": use_thin,
+            "value_kinds": kinds,
+        }
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        validation_size: float = 0.1,
+        batch_size: int = 256,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 15,
+        shuffle_set_split: bool = True,
+        plan_kwargs: dict | None = None,
+        datasplitter_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ):
+        """Train the model.
+
+        Each step sees ``batch_size`` reference and ``batch_size`` spatial cells; an epoch is a pass
+        over the larger domain. Training stops early when the classification loss on held-out
+        reference cells stops improving.
+
+        Parameters
+        ----------
+        max_epochs
+            Maximum number of epochs. ``None``: about 6,000 steps, between 20 and 200 epochs.
+        accelerator
+            ``"auto"``, ``"cpu"``, ``"gpu"``..., passed to Lightning.
+        devices
+            Devices to use, passed to Lightning.
+        validation_size
+            Fraction of reference cells held out (stratified by type) for validation and early stopping.
+        batch_size
+            Cells of each domain per step.
+        early_stopping
+            Stop when ``classification_loss_validation`` has not improved for ``early_stopping_patience`` epochs.
+        early_stopping_patience
+            Epochs without improvement before stopping.
+        shuffle_set_split
+            Shuffle reference cells before the validation split.
+        plan_kwargs
+            Keyword arguments of :class:`~rmge.model.RMGETrainingPlan` (e.g. ``lr``).
+        datasplitter_kwargs
+            Keyword arguments of :class:`~rmge.model.RMGEDataSplitter`.
+        **trainer_kwargs
+            Keyword arguments of :class:`scvi.train.Trainer` (e.g. ``enable_progress_bar``, ``strategy``).
+        """
+        domain = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.DOMAIN_KEY)).ravel()
+        labels = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
+        ref_idx = np.flatnonzero(domain == 0)
+        query_idx = np.flatnonzero(domain == 1)
+        if not len(ref_idx) or not len(query_idx):
+            raise ValueError("Training needs reference and spatial cells in the registered AnnData.")
+        if validation_size is None or validation_size <= 0:
+            early_stopping = False
+        if max_epochs is None:
+            steps = int(np.ceil(max(len(ref_idx), len(query_idx)) / batch_size))
+            max_epochs = int(np.clip(round(6000 / max(steps, 1)), 20, 200))
+        splitter = self._data_splitter_cls(
+            self.adata_manager,
+            reference_indices=ref_idx,
+            query_indices=query_idx,
+            labels=labels,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            shuffle_set_split=shuffle_set_split,
+            distributed_sampler=use_distributed_sampler(trainer_kwargs.get("strategy", None)),
+            **(datasplitter_kwargs or {}),
+        )
+        if splitter.n_val == 0:
+            early_stopping = False
+        plan_kwargs = {**getattr(self, "_plan_defaults", {}), **(plan_kwargs or {})}
+        training_plan = self._training_plan_cls(self.module, **plan_kwargs)
+        trainer_kwargs.setdefault("early_stopping_monitor", "classification_loss_validation")
+        trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
+        trainer_kwargs.setdefault("early_stopping_mode", "min")
+        trainer_kwargs["early_stopping"] = early_stopping
+        if early_stopping:
+            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        runner = self._train_runner_cls(
+            self,
+            training_plan=training_plan,
+            data_splitter=splitter,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            **trainer_kwargs,
+        )
+        return runner()
+
+    # ------------------------------------------------------------------ outputs
+    @torch.inference_mode()
+    def _forward_all(self, adata=None, indices=None, batch_size: int | None = None):
+        adata = self._validate_anndata(adata)
+        dl = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size or 2048, shuffle=False)
+        zs, qs = [], []
+        self.module.eval()
+        for tensors in dl:
+            out = self.module.inference(**self.module._get_inference_input(tensors))
+            zs.append(out["z"].cpu())
+            qs.append(tensors[REGISTRY_KEYS.DOMAIN_KEY].view(-1).cpu() == 1)
+        if not zs:
+            return adata, torch.zeros((0, len(self.classes_))), torch.zeros(0, dtype=torch.bool)
+        return adata, torch.cat(zs), torch.cat(qs)
+
+    def _obs_names(self, adata, indices):
+        names = adata.obs_names
+        return names if indices is None else names[np.asarray(indices)]
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        soft: bool = False,
+        batch_size: int | None = None,
+    ) -> np.ndarray | pd.DataFrame:
+        """Predict the cell type of each cell.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes; ``None`` uses the AnnData the model was set up with. Cells of a
+            new AnnData without a domain column are treated as spatial cells.
+        indices
+            Indices of the cells to predict; ``None`` predicts all.
+        soft
+            Return probabilities instead of labels.
+        batch_size
+            Minibatch size of inference.
+
+        Returns
+        -------
+        Labels (``np.ndarray`` of str), or with ``soft=True`` a DataFrame cells × reference types whose rows sum to 1.
+        Spatial cells' probabilities use the learned temperature.
+        """
+        self._check_if_trained(warn=False)
+        adata, z, is_query = self._forward_all(adata, indices, batch_size)
+        probs = self.module.probabilities(z.to(self.module.temperature.device), is_query.to(z.device)).cpu().numpy()
+        classes = np.asarray(self.classes_, dtype=object)
+        if soft:
+            return pd.DataFrame(probs, index=self._obs_names(adata, indices), columns=classes)
+        return classes[probs.argmax(1)] if len(probs) else np.asarray([], dtype=object)
+
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Metagene activities (cells × reference types): the encoder's output for each cell.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes; ``None`` uses the set-up AnnData.
+        indices
+            Indices of the cells; ``None`` takes all.
+        batch_size
+            Minibatch size of inference.
+        """
+        self._check_if_trained(warn=False)
+        _, z, _ = self._forward_all(adata, indices, batch_size)
+        return z.numpy()
+
+    def get_metagenes(self) -> pd.DataFrame:
+        """Metagenes: encoder weights as a DataFrame genes × reference types.
+
+        Entry (g, k) is how much one standard deviation of gene g's log expression (within its
+        domain) raises the activity of type k. Sort a column to get a type's top genes.
+        """
+        w = self.module.encoder.weight.detach().cpu().numpy().T
+        return pd.DataFrame(w, index=self.adata.var_names.copy(), columns=self.classes_)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, dir_path: str, prefix: str | None = None, overwrite: bool = False, save_anndata: bool = False, **kwargs):
+        """Save the model (scvi-tools format) atomically.
+
+        The model is written into a temporary folder beside ``dir_path`` and moved into place only
+        when complete, so a failed save leaves an earlier model at ``dir_path`` intact.
+
+        Parameters
+        ----------
+        dir_path
+            Folder to write.
+        prefix
+            Prefix of the file names.
+        overwrite
+            Replace an existing folder.
+        save_anndata
+            Also write the AnnData.
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.save`.
+        """
+        dir_path = os.path.abspath(dir_path)
+        if os.path.exists(dir_path) and not overwrite:
+            raise ValueError(f"{dir_path} already exists. Pass overwrite=True to replace it, or choose another folder.")
+        parent = os.path.dirname(dir_path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".rmge-save-", dir=parent)
+        try:
+            super().save(tmp, prefix=prefix, overwrite=True, save_anndata=save_anndata, **kwargs)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if os.path.exists(dir_path):
+            backup = tempfile.mkdtemp(prefix=".rmge-old-", dir=parent)
+            os.rmdir(backup)
+            os.replace(dir_path, backup)
+            os.replace(tmp, dir_path)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, dir_path)
+
+    @classmethod
+    def load(cls, dir_path: str, adata: AnnData | None = None, prefix: str | None = None, **kwargs):
+        """Load a saved model; the AnnData must have the model's genes in the same order.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        adata
+            AnnData to attach; ``None`` loads the AnnData saved with the model.
+        prefix
+            Prefix of the file names.
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.load` (e.g. ``accelerator``, ``device``).
+        """
+        if adata is not None:
+            path = os.path.join(dir_path, f"{prefix or ''}model.pt")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"No saved model at {path}. Save one with model.save({dir_path!r}).")
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            var_names = np.asarray(saved["var_names"]).astype(str)
+            data_genes = np.asarray(adata.var_names).astype(str)
+            if not np.array_equal(var_names, data_genes):
+                raise ValueError(cls._gene_mismatch_message(var_names, data_genes))
+        return super().load(dir_path, adata=adata, prefix=prefix, **kwargs)

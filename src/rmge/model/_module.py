@@ -1,0 +1,374 @@
+"""The RMGE module: linear metagene encoder/decoder, sparsity matching and adversarial alignment."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from torch import nn
+
+from rmge._constants import REGISTRY_KEYS
+
+#: Size of the quantile tables used to match reference depth to spatial depth by rank.
+N_QUANTILES = 1001
+#: Scale of ``normalize_total`` applied to every cell before ``log1p``.
+TARGET_SUM = 1e4
+#: Standardised values are clipped to this magnitude (as ``sc.pp.scale(max_value=...)``).
+MAX_Z = 10.0
+
+
+class Discriminator(nn.Module):
+    """Small MLP that tells reference from spatial cells by their class-probability vectors."""
+
+    def __init__(self, n_input: int, n_hidden: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_input, n_hidden), nn.LeakyReLU(0.2), nn.Linear(n_hidden, 1))
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        """Logit of "this cell comes from the reference"."""
+        return self.net(p).squeeze(-1)
+
+
+class RMGEModule(BaseModuleClass):
+    """Linear metagene autoencoder with sparsity matching and an adversarial domain discriminator.
+
+    The encoder maps standardised log expression (genes) to one activity per cell type: row ``k`` of
+    its weight matrix is the metagene of type ``k``, and the activities are the class logits. A
+    linear decoder reconstructs the standardised expression from the activities.
+
+    Parameters
+    ----------
+    n_input
+        Number of genes.
+    n_labels
+        Number of reference cell types.
+    n_groups
+        Number of standardisation groups (domain, or domain × section).
+    group_is_reference
+        Boolean per group: whether it holds reference cells.
+    group_mean, group_std
+        Per-group gene means and standard deviations of ``log1p(normalize_total(x))``
+        (``n_groups × n_input``), used for per-domain standardisation.
+    gene_factor
+        Per-gene capture factor of the spatial platform relative to the reference (mean 1).
+    ref_lib_quantiles, spatial_lib_quantiles
+        Quantiles of the reference and spatial library sizes (``N_QUANTILES`` values each).
+    class_weights
+        Weight of each class in the cross-entropy (``n_labels``).
+    prior
+        Prior composition of the spatial cells (``n_labels``, sums to 1).
+    dropout_rate
+        Input dropout of the encoder.
+    standardize
+        Standardise each gene within each group; if ``False``, ``log1p(normalize_total)`` values are used.
+    sparsity_matching
+        Thin reference counts to the spatial depth and capture during training.
+    rank_jitter
+        Half-width of the uniform jitter added to a reference cell's depth rank at each draw.
+    classification_weight, reconstruction_weight, l2_weight, kl_weight, adversarial_weight,
+    entropy_weight, pseudo_label_weight
+        Weights of the loss terms.
+    entropy_on
+        ``"spatial"`` (sharpen spatial predictions) or ``"reference"`` (as the original method).
+    reconstruct
+        Which cells the decoder reconstructs: ``"reference"`` or ``"both"``.
+    adversarial_target
+        ``"half"`` (encoder pushes the discriminator to 0.5 on both domains, as the original) or
+        ``"flip"`` (encoder makes spatial cells look like reference cells).
+    pseudo_label_threshold
+        Confidence above which a spatial cell's prediction is used as a pseudo-label.
+    label_smoothing
+        Label smoothing of the reference cross-entropy.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_labels: int,
+        n_groups: int,
+        group_is_reference: torch.Tensor,
+        group_mean: torch.Tensor,
+        group_std: torch.Tensor,
+        gene_factor: torch.Tensor,
+        ref_lib_quantiles: torch.Tensor,
+        spatial_lib_quantiles: torch.Tensor,
+        class_weights: torch.Tensor,
+        prior: torch.Tensor | None,
+        dropout_rate: float = 0.5,
+        standardize: bool = True,
+        sparsity_matching: bool = True,
+        rank_jitter: float = 0.05,
+        classification_weight: float = 1.0,
+        reconstruction_weight: float = 1.0,
+        l2_weight: float = 0.0,
+        kl_weight: float = 0.0,
+        adversarial_weight: float = 0.1,
+        entropy_weight: float = 0.1,
+        pseudo_label_weight: float = 1.0,
+        entropy_on: str = "spatial",
+        reconstruct: str = "both",
+        adversarial_target: str = "half",
+        pseudo_label_threshold: float = 0.9,
+        label_smoothing: float = 0.0,
+        n_hidden_discriminator: int = 32,
+    ):
+        super().__init__()
+        self.n_input = n_input
+        self.n_labels = n_labels
+        self.n_groups = n_groups
+        self.standardize = standardize
+        self.sparsity_matching = sparsity_matching
+        self.rank_jitter = rank_jitter
+        self.classification_weight = classification_weight
+        self.reconstruction_weight = reconstruction_weight
+        self.l2_weight = l2_weight
+        self.kl_weight = kl_weight
+        self.adversarial_weight = adversarial_weight
+        self.entropy_weight = entropy_weight
+        self.pseudo_label_weight = pseudo_label_weight
+        self.entropy_on = entropy_on
+        self.reconstruct = reconstruct
+        self.adversarial_target = adversarial_target
+        self.pseudo_label_threshold = pseudo_label_threshold
+        self.label_smoothing = label_smoothing
+
+        self.register_buffer("group_is_reference", torch.as_tensor(group_is_reference, dtype=torch.bool))
+        self.register_buffer("group_mean", torch.as_tensor(group_mean, dtype=torch.float32))
+        self.register_buffer("group_std", torch.as_tensor(group_std, dtype=torch.float32))
+        self.register_buffer("gene_factor", torch.as_tensor(gene_factor, dtype=torch.float32))
+        self.register_buffer("ref_lib_quantiles", torch.as_tensor(ref_lib_quantiles, dtype=torch.float32))
+        self.register_buffer("spatial_lib_quantiles", torch.as_tensor(spatial_lib_quantiles, dtype=torch.float32))
+        self.register_buffer("class_weights", torch.as_tensor(class_weights, dtype=torch.float32))
+        has_prior = prior is not None
+        self.register_buffer(
+            "prior", torch.as_tensor(prior if has_prior else torch.full((n_labels,), 1.0 / n_labels), dtype=torch.float32)
+        )
+        if not has_prior:
+            self.kl_weight = 0.0
+
+        self.dropout = nn.Dropout(p=dropout_rate)
+        self.encoder = nn.Linear(n_input, n_labels)
+        self.decoder = nn.Linear(n_labels, n_input)
+        # log of the temperature dividing spatial logits before the discriminator and in probabilities
+        self.log_temperature = nn.Parameter(torch.zeros(1))
+        # scale of the logits' softmax used for pseudo-labels; not trained
+        self.discriminator = Discriminator(n_labels, n_hidden_discriminator)
+
+    # ------------------------------------------------------------------ preprocessing
+    def thin(self, x: torch.Tensor) -> torch.Tensor:
+        """Binomially thin reference counts to the spatial depth and per-gene capture.
+
+        Each cell's target depth is the spatial library size at the same rank (quantile) as the
+        cell's own library size among reference cells, with a small random jitter of the rank;
+        each gene's retention is scaled by its capture factor. Retention probabilities are capped
+        at 1 (the reference is never made deeper). Drawn afresh at every call.
+        """
+        lib = x.sum(-1, keepdim=True)
+        rq = self.ref_lib_quantiles
+        sq = self.spatial_lib_quantiles
+        nq = rq.shape[0]
+        rank = torch.searchsorted(rq.contiguous(), lib.squeeze(-1).contiguous(), right=True).float() / nq
+        rank = rank + (torch.rand_like(rank) * 2 - 1) * self.rank_jitter
+        pos = rank.clamp(0, 1) * (nq - 1)
+        lo = pos.floor().long().clamp(0, nq - 1)
+        hi = (lo + 1).clamp(max=nq - 1)
+        frac = pos - lo.float()
+        target = sq[lo] * (1 - frac) + sq[hi] * frac
+        weighted_lib = (x * self.gene_factor).sum(-1)
+        scale = target / weighted_lib.clamp(min=1e-8)
+        p = (scale.unsqueeze(-1) * self.gene_factor).clamp(0.0, 1.0)
+        return torch.binomial(x, p)
+
+    def normalize(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        """``log1p(normalize_total(x, 1e4))``, then standardisation within the cell's group."""
+        lib = x.sum(-1, keepdim=True)
+        # cells thinned to zero give zeros, never NaN
+        x = torch.log1p(x * (TARGET_SUM / lib.clamp(min=1.0)))
+        if self.standardize:
+            g = group.view(-1).long()
+            x = ((x - self.group_mean[g]) / self.group_std[g]).clamp(-MAX_Z, MAX_Z)
+        return x
+
+    # ------------------------------------------------------------------ scvi-tools contract
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            "x": tensors[REGISTRY_KEYS.X_KEY],
+            "group": tensors[REGISTRY_KEYS.BATCH_KEY],
+        }
+
+    def _get_generative_input(self, tensors, inference_outputs) -> dict[str, torch.Tensor]:
+        return {"z": inference_outputs["z"]}
+
+    @auto_move_data
+    def inference(self, x: torch.Tensor, group: torch.Tensor, thin: bool = False) -> dict[str, torch.Tensor]:
+        """Metagene activities (class logits) of a minibatch.
+
+        Parameters
+        ----------
+        x
+            Counts (cells × genes).
+        group
+            Standardisation group of each cell.
+        thin
+            Apply sparsity matching to the reference cells of the minibatch (training only).
+        """
+        x = x.float()
+        g = group.view(-1).long()
+        if thin and self.sparsity_matching:
+            is_ref = self.group_is_reference[g]
+            if bool(is_ref.any()):
+                x = x.clone()
+                x[is_ref] = self.thin(x[is_ref])
+        x_norm = self.normalize(x, g)
+        z = self.encoder(self.dropout(x_norm))
+        return {"z": z, "x_norm": x_norm}
+
+    @auto_move_data
+    def generative(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Linear reconstruction of the normalised expression from the metagene activities."""
+        return {"x_hat": self.decoder(z)}
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """Learned temperature of spatial logits."""
+        return self.log_temperature.exp()
+
+    def probabilities(self, z: torch.Tensor, is_query: torch.Tensor | None = None) -> torch.Tensor:
+        """Class probabilities; spatial (query) logits are divided by the learned temperature."""
+        if is_query is None:
+            return F.softmax(z, dim=-1)
+        scale = torch.where(is_query.view(-1, 1), 1.0 / self.temperature, torch.ones_like(self.temperature))
+        return F.softmax(z * scale, dim=-1)
+
+    def loss(
+        self,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict[str, torch.Tensor],
+        generative_outputs: dict[str, torch.Tensor],
+        pseudo_label_weight: float | None = None,
+    ) -> LossOutput:
+        """All loss terms of the encoder/decoder (the discriminator's own loss is separate).
+
+        Parameters
+        ----------
+        tensors
+            Minibatch holding reference and spatial cells.
+        inference_outputs, generative_outputs
+            Outputs of :meth:`inference` and :meth:`generative`.
+        pseudo_label_weight
+            Weight of the pseudo-label term for this step (ramped up by the training plan).
+        """
+        z = inference_outputs["z"]
+        x_norm = inference_outputs["x_norm"]
+        x_hat = generative_outputs["x_hat"]
+        is_query = tensors[REGISTRY_KEYS.DOMAIN_KEY].view(-1).long() == 1
+        is_ref = ~is_query
+        labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
+        zero = z.new_zeros(())
+        n_ref = int(is_ref.sum())
+        n_query = int(is_query.sum())
+        probs = self.probabilities(z, is_query)
+
+        # reference classification
+        if n_ref > 0:
+            ce = F.cross_entropy(
+                z[is_ref], labels[is_ref], weight=self.class_weights, label_smoothing=self.label_smoothing
+            )
+            accuracy = (z[is_ref].argmax(-1) == labels[is_ref]).float().mean()
+        else:
+            ce, accuracy = zero, zero
+
+        # reconstruction
+        rec_mask = is_ref if self.reconstruct == "reference" else torch.ones_like(is_ref)
+        rec_per_cell = ((x_hat - x_norm) ** 2).mean(-1)
+        rec = rec_per_cell[rec_mask].mean() if bool(rec_mask.any()) else zero
+
+        # weight penalty (sum of squared weights, as the original)
+        l2 = self.encoder.weight.pow(2).sum() + self.decoder.weight.pow(2).sum()
+
+        # composition prior on spatial cells
+        if n_query > 0 and self.kl_weight > 0:
+            pbar = probs[is_query].mean(0).clamp(min=1e-8)
+            kl = (pbar * (pbar.log() - self.prior.clamp(min=1e-8).log())).sum()
+        else:
+            kl = zero
+
+        # entropy
+        ent_mask = is_query if self.entropy_on == "spatial" else is_ref
+        if bool(ent_mask.any()):
+            p = probs[ent_mask]
+            entropy = -(p * p.clamp(min=1e-8).log()).sum(-1).mean()
+        else:
+            entropy = zero
+
+        # adversarial: the encoder tries to make both domains indistinguishable
+        if n_query > 0 and n_ref > 0 and self.adversarial_weight > 0:
+            d = self.discriminator(probs)
+            if self.adversarial_target == "half":
+                adv = F.binary_cross_entropy_with_logits(d, torch.full_like(d, 0.5))
+            else:
+                adv = F.binary_cross_entropy_with_logits(d[is_query], torch.ones_like(d[is_query]))
+        else:
+            adv = zero
+
+        # pseudo-labels: confident spatial predictions, each class weighted equally
+        w_pl = self.pseudo_label_weight if pseudo_label_weight is None else pseudo_label_weight
+        if n_query > 0 and w_pl > 0:
+            pq = probs[is_query].detach()
+            conf, pl = pq.max(-1)
+            keep = conf >= self.pseudo_label_threshold
+            if bool(keep.any()):
+                pseudo = (
+                    F.cross_entropy(z[is_query][keep], pl[keep], weight=self.class_weights, reduction="sum")
+                    / n_query
+                )
+            else:
+                pseudo = zero
+        else:
+            pseudo = zero
+
+        loss = (
+            self.classification_weight * ce
+            + self.reconstruction_weight * rec
+            + self.l2_weight * l2
+            + self.kl_weight * kl
+            + self.adversarial_weight * adv
+            + self.entropy_weight * entropy
+            + w_pl * pseudo
+        )
+        extra = {
+            "classification_loss": ce.detach(),
+            "reconstruction_loss": rec.detach(),
+            "l2_penalty": l2.detach(),
+            "kl_prior": kl.detach(),
+            "adversarial_loss": adv.detach(),
+            "entropy": entropy.detach(),
+            "pseudo_label_loss": pseudo.detach(),
+            "accuracy": accuracy.detach(),
+            "temperature": self.temperature.detach().squeeze(),
+        }
+        return LossOutput(
+            loss=loss,
+            reconstruction_loss=rec_per_cell.detach(),
+            n_obs_minibatch=z.shape[0],
+            extra_metrics=extra,
+        )
+
+    def discriminator_loss(self, z: torch.Tensor, is_query: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy of the discriminator on detached class probabilities."""
+        probs = self.probabilities(z.detach(), is_query).detach()
+        d = self.discriminator(probs)
+        target = (~is_query).float()
+        return F.binary_cross_entropy_with_logits(d, target)
+
+    @torch.inference_mode()
+    def sample(self, *args, **kwargs):  # pragma: no cover - not a generative model of counts
+        """Not available: RMGE does not model counts."""
+        raise NotImplementedError("RMGE is a discriminative model; it cannot sample counts.")
+
+
+def entropy_normalizer(n_labels: int) -> float:
+    """Maximum entropy of a distribution over ``n_labels`` classes."""
+    return math.log(max(n_labels, 2))
