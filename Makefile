@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_moffitt.py
+	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) rmge_demo_output .pytest_cache .ruff_cache

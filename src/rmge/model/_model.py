@@ -103,8 +103,14 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         ``"both"`` or ``"reference"``: which cells the decoder reconstructs.
     adversarial_target
         ``"half"`` (both domains pushed to 0.5, as the original) or ``"flip"``.
-    pseudo_label_threshold
-        Confidence above which a spatial prediction becomes a pseudo-label.
+    pseudo_label_fraction
+        Fraction of each predicted class's spatial cells (most confident first) used as pseudo-labels.
+    classifier
+        ``"cosine"`` (correlation of the cell's standardised profile with each metagene, scaled) or
+        ``"linear"`` (a linear layer with bias, as the original).
+    init_metagenes
+        ``"centroids"``: start each metagene at its type's mean standardised reference profile;
+        ``"random"``: PyTorch's default initialisation (the original).
     class_weight
         ``"inverse"`` (1/count, as the original) or ``None`` (all classes equal).
     label_smoothing
@@ -147,6 +153,8 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         "entropy_on": "reference",
         "pseudo_label_weight": 0.0,
         "label_smoothing": 0.0,
+        "classifier": "linear",
+        "init_metagenes": "random",
         "lr": 0.01,
         "lr_discriminator": 0.001,
     }
@@ -164,24 +172,30 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         kl_weight: float = 0.0,
         adversarial_weight: float = 0.1,
         entropy_weight: float = 0.1,
-        pseudo_label_weight: float = 1.0,
+        pseudo_label_weight: float = 2.0,
         entropy_on: Literal["spatial", "reference"] = "spatial",
         reconstruct: Literal["both", "reference"] = "both",
         adversarial_target: Literal["half", "flip"] = "half",
-        pseudo_label_threshold: float = 0.9,
+        pseudo_label_fraction: float = 0.7,
+        classifier: Literal["cosine", "linear"] = "cosine",
+        init_metagenes: Literal["centroids", "random"] = "centroids",
         class_weight: Literal["inverse"] | None = "inverse",
         label_smoothing: float = 0.0,
-        lr: float = 1e-2,
+        lr: float = 1e-3,
         lr_discriminator: float = 1e-3,
         weight_decay: float = 0.0,
         **module_kwargs,
     ):
         super().__init__(adata)
+        #: Reference cell types, in the order of the model's outputs.
+        self.classes_ = self._registered_classes()
         for name, value, allowed in (
             ("entropy_on", entropy_on, ("spatial", "reference")),
             ("reconstruct", reconstruct, ("both", "reference")),
             ("adversarial_target", adversarial_target, ("half", "flip")),
             ("class_weight", class_weight, ("inverse", None)),
+            ("classifier", classifier, ("cosine", "linear")),
+            ("init_metagenes", init_metagenes, ("centroids", "random")),
         ):
             if value not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
@@ -224,7 +238,9 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             entropy_on=entropy_on,
             reconstruct=reconstruct,
             adversarial_target=adversarial_target,
-            pseudo_label_threshold=pseudo_label_threshold,
+            pseudo_label_fraction=pseudo_label_fraction,
+            classifier=classifier,
+            init_metagenes=torch.as_tensor(stats["centroids"]) if init_metagenes == "centroids" else None,
             label_smoothing=label_smoothing,
             **module_kwargs,
         )
@@ -337,7 +353,12 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
                 )
         lab = labels.astype(object).where(is_ref, _UNLABELED)
         lab = lab.where(~(pd.isna(lab)), _UNLABELED).astype(str)
-        obs[_LABELS_COL] = pd.Categorical(lab)
+        present = set(lab[is_ref])
+        if isinstance(labels.dtype, pd.CategoricalDtype):
+            ref_categories = [str(c) for c in labels.cat.categories if str(c) in present]
+        else:
+            ref_categories = sorted(present)
+        obs[_LABELS_COL] = pd.Categorical(lab, categories=[*ref_categories, _UNLABELED])
         obs[_DOMAIN_COL] = pd.Categorical(np.where(is_ref, _REFERENCE, _QUERY), categories=[_REFERENCE, _QUERY])
         group = np.where(is_ref, _REFERENCE, _QUERY).astype(object)
         if batch_key is not None:
@@ -402,8 +423,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         return msg
 
     # ------------------------------------------------------------------ statistics
-    @property
-    def classes_(self) -> list[str]:
+    def _registered_classes(self) -> list[str]:
         """Reference cell types, in the order of the model's outputs."""
         mapping = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
         return [str(c) for c in mapping if c != _UNLABELED]
@@ -497,6 +517,8 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         s2 = np.zeros((n_groups, n_genes))
         n_g = np.zeros(n_groups)
         gis_ref = np.zeros(n_groups, dtype=bool)
+        class_sums = np.zeros((n_groups, n_labels, n_genes))
+        class_n = np.zeros((n_groups, n_labels))
         for gi in range(n_groups):
             rows = np.flatnonzero(group == gi)
             if not len(rows):
@@ -509,13 +531,26 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
                     wlib = np.asarray(block @ factor).ravel()
                     block = _thin_csr(block, target / np.maximum(wlib, 1e-8), factor, rng)
                 ln = _log_norm(block)
+                if gis_ref[gi]:
+                    lab_b = labels[r]
+                    ind = sp.csr_matrix(
+                        (np.ones(len(r)), (lab_b, np.arange(len(r)))), shape=(n_labels + 1, len(r))
+                    )[:n_labels]
+                    class_sums[gi] += np.asarray((ind @ ln).todense())
+                    class_n[gi] += np.bincount(lab_b, minlength=n_labels + 1)[:n_labels]
                 s1[gi] += np.asarray(ln.sum(0)).ravel()
                 s2[gi] += np.asarray(ln.multiply(ln).sum(0)).ravel()
                 n_g[gi] += len(r)
         mean = s1 / np.maximum(n_g, 1)[:, None]
         var = np.maximum(s2 / np.maximum(n_g, 1)[:, None] - mean**2, 0.0)
         std = np.maximum(np.sqrt(var), _MIN_STD)
+        # standardised class centroids (metagene initialisation), pooled over reference groups
+        cz = np.zeros((n_labels, n_genes))
+        for gi in np.flatnonzero(gis_ref):
+            cz += (class_sums[gi] - class_n[gi][:, None] * mean[gi]) / std[gi]
+        cz /= np.maximum(class_n.sum(0), 1)[:, None]
         return {
+            "centroids": cz.astype(np.float32),
             "label_counts": label_counts,
             "group_is_reference": gis_ref,
             "group_mean": mean.astype(np.float32),
@@ -545,8 +580,9 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         """Train the model.
 
         Each step sees ``batch_size`` reference and ``batch_size`` spatial cells; an epoch is a pass
-        over the larger domain. Training stops early when the classification loss on held-out
-        reference cells stops improving.
+        over the larger domain. Pseudo-labels enter after ``pseudo_label_warmup`` (a fraction of
+        ``max_epochs``, default 0.2) and ramp up over as long again; from then on training stops early
+        when the validation loss (held-out reference cells with a sample of spatial cells) stops improving.
 
         Parameters
         ----------
@@ -561,7 +597,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         batch_size
             Cells of each domain per step.
         early_stopping
-            Stop when ``classification_loss_validation`` has not improved for ``early_stopping_patience`` epochs.
+            Stop when ``validation_loss`` has not improved for ``early_stopping_patience`` epochs.
         early_stopping_patience
             Epochs without improvement before stopping.
         shuffle_set_split
@@ -599,9 +635,12 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             early_stopping = False
         plan_kwargs = {**getattr(self, "_plan_defaults", {}), **(plan_kwargs or {})}
         training_plan = self._training_plan_cls(self.module, **plan_kwargs)
-        trainer_kwargs.setdefault("early_stopping_monitor", "classification_loss_validation")
+        # early stopping watches the total validation loss once the pseudo-label weight has fully ramped up
+        warmup = plan_kwargs.get("pseudo_label_warmup", 0.2) if self.module.pseudo_label_weight > 0 else 0.0
+        trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
         trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
         trainer_kwargs.setdefault("early_stopping_mode", "min")
+        trainer_kwargs.setdefault("early_stopping_warmup_epochs", int(np.ceil(2 * warmup * max_epochs)))
         trainer_kwargs["early_stopping"] = early_stopping
         if early_stopping:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
@@ -696,9 +735,13 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         """Metagenes: encoder weights as a DataFrame genes × reference types.
 
         Entry (g, k) is how much one standard deviation of gene g's log expression (within its
-        domain) raises the activity of type k. Sort a column to get a type's top genes.
+        domain) raises the activity of type k; with the cosine classifier each metagene has unit norm.
+        Sort a column to get a type's top genes.
         """
-        w = self.module.encoder.weight.detach().cpu().numpy().T
+        w = self.module.encoder.weight.detach().cpu()
+        if self.module.classifier == "cosine":
+            w = w / w.norm(dim=1, keepdim=True).clamp(min=1e-8)
+        w = w.numpy().T
         return pd.DataFrame(w, index=self.adata.var_names.copy(), columns=self.classes_)
 
     # ------------------------------------------------------------------ persistence

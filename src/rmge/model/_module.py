@@ -77,8 +77,17 @@ class RMGEModule(BaseModuleClass):
     adversarial_target
         ``"half"`` (encoder pushes the discriminator to 0.5 on both domains, as the original) or
         ``"flip"`` (encoder makes spatial cells look like reference cells).
-    pseudo_label_threshold
-        Confidence above which a spatial cell's prediction is used as a pseudo-label.
+    pseudo_label_fraction
+        Fraction of each predicted class's spatial cells (the most confident, by margin between the two
+        best classes) used as pseudo-labels in each minibatch. Selecting per class keeps rare types from
+        being swamped by abundant ones.
+    classifier
+        ``"cosine"``: activities are the scaled cosine similarity between the cell's centred,
+        standardised profile and each metagene (a correlation classifier, robust to depth and platform
+        shifts); ``"linear"``: a plain linear layer with bias (the original method).
+    init_metagenes
+        Initial metagenes (``n_labels × n_input``), e.g. the standardised reference class centroids;
+        ``None`` keeps PyTorch's random initialisation.
     label_smoothing
         Label smoothing of the reference cross-entropy.
     """
@@ -110,8 +119,11 @@ class RMGEModule(BaseModuleClass):
         entropy_on: str = "spatial",
         reconstruct: str = "both",
         adversarial_target: str = "half",
-        pseudo_label_threshold: float = 0.9,
+        pseudo_label_fraction: float = 0.7,
         label_smoothing: float = 0.0,
+        classifier: str = "cosine",
+        init_metagenes: torch.Tensor | None = None,
+        init_scale: float = 10.0,
         n_hidden_discriminator: int = 32,
     ):
         super().__init__()
@@ -131,7 +143,8 @@ class RMGEModule(BaseModuleClass):
         self.entropy_on = entropy_on
         self.reconstruct = reconstruct
         self.adversarial_target = adversarial_target
-        self.pseudo_label_threshold = pseudo_label_threshold
+        self.pseudo_label_fraction = pseudo_label_fraction
+        self.classifier = classifier
         self.label_smoothing = label_smoothing
 
         self.register_buffer("group_is_reference", torch.as_tensor(group_is_reference, dtype=torch.bool))
@@ -149,11 +162,16 @@ class RMGEModule(BaseModuleClass):
             self.kl_weight = 0.0
 
         self.dropout = nn.Dropout(p=dropout_rate)
-        self.encoder = nn.Linear(n_input, n_labels)
+        self.encoder = nn.Linear(n_input, n_labels, bias=classifier == "linear")
+        if init_metagenes is not None:
+            with torch.no_grad():
+                w = torch.as_tensor(init_metagenes, dtype=torch.float32)
+                self.encoder.weight.copy_(w / w.norm(dim=1, keepdim=True).clamp(min=1e-8))
+        # log of the scale of cosine activities
+        self.log_scale = nn.Parameter(torch.tensor([math.log(init_scale)]), requires_grad=classifier == "cosine")
         self.decoder = nn.Linear(n_labels, n_input)
         # log of the temperature dividing spatial logits before the discriminator and in probabilities
         self.log_temperature = nn.Parameter(torch.zeros(1))
-        # scale of the logits' softmax used for pseudo-labels; not trained
         self.discriminator = Discriminator(n_labels, n_hidden_discriminator)
 
     # ------------------------------------------------------------------ preprocessing
@@ -201,6 +219,17 @@ class RMGEModule(BaseModuleClass):
     def _get_generative_input(self, tensors, inference_outputs) -> dict[str, torch.Tensor]:
         return {"z": inference_outputs["z"]}
 
+    def encode(self, x_norm: torch.Tensor, dropout: bool = True) -> torch.Tensor:
+        """Metagene activities of normalised profiles (input dropout applies in training mode)."""
+        x = self.dropout(x_norm) if dropout else x_norm
+        if self.classifier == "linear":
+            return self.encoder(x)
+        x = x - x.mean(-1, keepdim=True)
+        x = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        w = self.encoder.weight
+        w = w / w.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        return self.log_scale.exp() * (x @ w.T)
+
     @auto_move_data
     def inference(self, x: torch.Tensor, group: torch.Tensor, thin: bool = False) -> dict[str, torch.Tensor]:
         """Metagene activities (class logits) of a minibatch.
@@ -222,8 +251,12 @@ class RMGEModule(BaseModuleClass):
                 x = x.clone()
                 x[is_ref] = self.thin(x[is_ref])
         x_norm = self.normalize(x, g)
-        z = self.encoder(self.dropout(x_norm))
-        return {"z": z, "x_norm": x_norm}
+        out = {"z": self.encode(x_norm), "x_norm": x_norm}
+        if thin and self.training and self.pseudo_label_weight > 0:
+            # predictions without dropout choose the pseudo-labels
+            with torch.no_grad():
+                out["z_clean"] = self.encode(x_norm, dropout=False)
+        return out
 
     @auto_move_data
     def generative(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -313,12 +346,11 @@ class RMGEModule(BaseModuleClass):
         else:
             adv = zero
 
-        # pseudo-labels: confident spatial predictions, each class weighted equally
+        # pseudo-labels: the most confident spatial cells of each predicted class
         w_pl = self.pseudo_label_weight if pseudo_label_weight is None else pseudo_label_weight
         if n_query > 0 and w_pl > 0:
-            pq = probs[is_query].detach()
-            conf, pl = pq.max(-1)
-            keep = conf >= self.pseudo_label_threshold
+            z_sel = inference_outputs.get("z_clean", z).detach()
+            keep, pl = self.select_pseudo_labels(self.probabilities(z_sel, is_query)[is_query])
             if bool(keep.any()):
                 pseudo = (
                     F.cross_entropy(z[is_query][keep], pl[keep], weight=self.class_weights, reduction="sum")
@@ -356,6 +388,28 @@ class RMGEModule(BaseModuleClass):
             extra_metrics=extra,
         )
 
+    def select_pseudo_labels(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pick, within each predicted class, the ``pseudo_label_fraction`` most confident cells.
+
+        Confidence is the margin between the two largest probabilities. Returns a boolean mask and
+        the predicted labels.
+        """
+        top2 = probs.topk(min(2, probs.shape[1]), dim=-1).values
+        margin = top2[:, 0] - (top2[:, 1] if top2.shape[1] > 1 else 0)
+        labels = probs.argmax(-1)
+        n = labels.shape[0]
+        # rank of each cell's margin within its predicted class, without a Python loop over classes
+        order = torch.argsort(labels.double() * 4.0 - margin.double())
+        sorted_labels = labels[order]
+        counts = torch.bincount(labels, minlength=probs.shape[1])
+        starts = torch.cumsum(counts, 0) - counts
+        rank_sorted = torch.arange(n, device=probs.device) - starts[sorted_labels]
+        rank = torch.empty_like(rank_sorted)
+        rank[order] = rank_sorted
+        n_keep = torch.ceil(counts.double() * self.pseudo_label_fraction).long()
+        keep = rank < n_keep[labels]
+        return keep, labels
+
     def discriminator_loss(self, z: torch.Tensor, is_query: torch.Tensor) -> torch.Tensor:
         """Binary cross-entropy of the discriminator on detached class probabilities."""
         probs = self.probabilities(z.detach(), is_query).detach()
@@ -367,8 +421,3 @@ class RMGEModule(BaseModuleClass):
     def sample(self, *args, **kwargs):  # pragma: no cover - not a generative model of counts
         """Not available: RMGE does not model counts."""
         raise NotImplementedError("RMGE is a discriminative model; it cannot sample counts.")
-
-
-def entropy_normalizer(n_labels: int) -> float:
-    """Maximum entropy of a distribution over ``n_labels`` classes."""
-    return math.log(max(n_labels, 2))

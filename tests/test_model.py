@@ -1,0 +1,476 @@
+"""Tests of rmge.RMGEModel: accuracy on data with a known answer, outputs, history, persistence, input errors."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import scvi
+import torch
+from scipy.special import softmax
+from scvi.model.base import BaseModelClass
+
+import rmge
+from rmge import RMGEModel
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*does not have many workers.*",
+    "ignore:.*smaller than the logging interval.*",
+)
+
+LABELS = "cell_type"
+TRUTH = f"{LABELS}_spatial"  # rmge.pp.prepare keeps the spatial side's own labels here
+N_REF, N_SPATIAL, N_GENES, N_CLASSES = 600, 600, 200, 5
+MAX_EPOCHS = 30
+TRAIN_KWARGS = {"enable_progress_bar": False, "accelerator": "cpu"}
+LOSS_TERMS = (
+    "classification_loss",
+    "reconstruction_loss",
+    "adversarial_loss",
+    "entropy",
+    "kl_prior",
+    "pseudo_label_loss",
+    "accuracy",
+)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def make_adata(
+    n_reference: int = N_REF,
+    n_spatial: int = N_SPATIAL,
+    n_genes: int = N_GENES,
+    n_classes: int = N_CLASSES,
+    spatial_depth_ratio: float = 0.1,
+    seed: int = 0,
+) -> ad.AnnData:
+    """Synthetic reference (median 2,000 counts) + spatial cells 10× sparser with a per-gene platform shift."""
+    ref, spa = rmge.datasets.synthetic(
+        n_reference=n_reference,
+        n_spatial=n_spatial,
+        n_genes=n_genes,
+        n_classes=n_classes,
+        spatial_depth_ratio=spatial_depth_ratio,
+        platform_shift=0.5,
+        seed=seed,
+    )
+    spa = spa[np.asarray(spa.X.sum(1)).ravel() > 0].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the spatial truth column is moved to `cell_type_spatial`
+        return rmge.pp.prepare(ref, spa, labels_key=LABELS, n_top_genes=None)
+
+
+def spatial_indices(adata: ad.AnnData) -> np.ndarray:
+    return np.flatnonzero((adata.obs["domain"] == "spatial").to_numpy())
+
+
+def reference_indices(adata: ad.AnnData) -> np.ndarray:
+    return np.flatnonzero((adata.obs["domain"] == "reference").to_numpy())
+
+
+def spatial_accuracy(model: RMGEModel, adata: ad.AnnData) -> float:
+    idx = spatial_indices(adata)
+    truth = adata.obs[TRUTH].to_numpy()[idx].astype(str)
+    return float((model.predict(indices=idx) == truth).mean())
+
+
+def train_model(adata: ad.AnnData, seed: int = 0, max_epochs: int = MAX_EPOCHS, **model_kwargs) -> RMGEModel:
+    scvi.settings.seed = seed
+    RMGEModel.setup_anndata(adata, labels_key=LABELS)
+    model = RMGEModel(adata, **model_kwargs)
+    model.train(max_epochs=max_epochs, **TRAIN_KWARGS)
+    return model
+
+
+def predictions(model: RMGEModel, adata: ad.AnnData | None = None) -> tuple[np.ndarray, np.ndarray]:
+    return model.predict(adata), model.predict(adata, soft=True).to_numpy()
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def synthetic_adata() -> ad.AnnData:
+    """Untouched prepared data; tests copy it before registering it."""
+    return make_adata()
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_adata):
+    """One model with default settings trained once (seed 0) and shared by the read-only tests."""
+    adata = synthetic_adata.copy()
+    model = train_model(adata)
+    return model, adata
+
+
+@pytest.fixture(scope="module")
+def saved_dir(trained, tmp_path_factory):
+    model, _ = trained
+    path = tmp_path_factory.mktemp("saved") / "model"
+    model.save(str(path), save_anndata=True)
+    return path
+
+
+@pytest.fixture
+def small_adata() -> ad.AnnData:
+    """Small valid data for the input checks (no training)."""
+    return make_adata(n_reference=60, n_spatial=60, n_genes=40, n_classes=3, seed=3)
+
+
+# ------------------------------------------------------------------ accuracy and outputs
+
+
+def test_accuracy_on_sparse_shifted_spatial_data(trained):
+    model, adata = trained
+    ref = reference_indices(adata)
+    sp_idx = spatial_indices(adata)
+    depth = np.asarray(adata.X.sum(1)).ravel()
+    # the data are what the test claims: spatial ~10x sparser than the reference
+    assert np.median(depth[sp_idx]) < 0.15 * np.median(depth[ref])
+    acc = spatial_accuracy(model, adata)
+    assert acc >= 0.9, f"spatial accuracy {acc:.3f}"
+
+
+def test_predict_soft(trained):
+    model, adata = trained
+    probs = model.predict(soft=True)
+    assert isinstance(probs, pd.DataFrame)
+    assert probs.shape == (adata.n_obs, N_CLASSES)
+    assert list(probs.columns) == model.classes_
+    assert set(probs.columns) == {f"type_{k}" for k in range(N_CLASSES)}
+    assert probs.index.equals(adata.obs_names)
+    values = probs.to_numpy()
+    assert np.all(np.isfinite(values)) and values.min() >= 0
+    np.testing.assert_allclose(values.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(probs.columns.to_numpy()[values.argmax(1)], model.predict())
+
+
+def test_predict_indices_match_full_prediction(trained):
+    model, adata = trained
+    labels, probs = predictions(model)
+    idx = np.random.default_rng(0).choice(adata.n_obs, size=137, replace=False)  # unsorted, both domains
+    np.testing.assert_array_equal(model.predict(indices=idx), labels[idx])
+    sub = model.predict(indices=idx, soft=True)
+    assert sub.index.equals(adata.obs_names[idx])
+    np.testing.assert_allclose(sub.to_numpy(), probs[idx], rtol=1e-6, atol=1e-7)
+
+
+def test_latent_representation_is_the_logits(trained):
+    model, adata = trained
+    z = model.get_latent_representation()
+    assert z.shape == (adata.n_obs, N_CLASSES)
+    labels, probs = predictions(model)
+    classes = np.asarray(model.classes_)
+    ref = reference_indices(adata)
+    sp_idx = spatial_indices(adata)
+    np.testing.assert_array_equal(classes[z[ref].argmax(1)], labels[ref])
+    # reference probabilities are the softmax of the logits; spatial ones divide them by the temperature
+    np.testing.assert_allclose(softmax(z[ref], axis=1), probs[ref], atol=1e-5)
+    temperature = float(model.module.temperature.detach().cpu())
+    assert temperature > 0
+    np.testing.assert_allclose(softmax(z[sp_idx] / temperature, axis=1), probs[sp_idx], atol=1e-5)
+    np.testing.assert_array_equal(classes[z.argmax(1)], labels)
+
+
+def test_classes_follow_reference_category_order(trained):
+    model, adata = trained
+    expected = list(adata.obs[LABELS].cat.categories)  # rmge.pp.prepare keeps the reference's order
+    assert model.classes_ == expected
+    assert list(model.predict(soft=True).columns) == expected
+    assert list(model.get_metagenes().columns) == expected
+
+
+def test_metagenes_recover_markers(trained):
+    model, adata = trained
+    metagenes = model.get_metagenes()
+    assert isinstance(metagenes, pd.DataFrame)
+    assert metagenes.shape == (adata.n_vars, N_CLASSES)
+    assert metagenes.index.equals(adata.var_names)
+    assert list(metagenes.columns) == model.classes_
+    marker_of = adata.var["marker_of"]
+    fractions = {}
+    for cls in model.classes_:
+        top = metagenes[cls].sort_values(ascending=False).index[:10]
+        fractions[cls] = float((marker_of[top] == cls).mean())
+    assert all(f >= 0.5 for f in fractions.values()), fractions
+
+
+def test_history(trained):
+    model, _ = trained
+    history = model.history
+    n_epochs = model.trainer.current_epoch
+    assert 0 < n_epochs <= MAX_EPOCHS
+    keys = [f"{t}_{m}" for t in LOSS_TERMS for m in ("train", "validation")] + ["train_loss", "validation_loss"]
+    missing = [k for k in keys if k not in history]
+    assert not missing, f"history lacks {missing}; has {sorted(history)}"
+    for key in keys:
+        frame = history[key]
+        assert isinstance(frame, pd.DataFrame)
+        assert len(frame) == n_epochs, key
+        np.testing.assert_array_equal(np.asarray(frame.index), np.arange(n_epochs))
+        assert np.all(np.isfinite(frame.to_numpy(dtype=float))), key
+    acc = history["accuracy_validation"].to_numpy(dtype=float).ravel()
+    assert np.all((acc >= 0) & (acc <= 1))
+    assert acc[-1] >= 0.9
+
+
+# ------------------------------------------------------------------ save / load
+
+
+def test_save_load_same_adata(trained, saved_dir):
+    model, adata = trained
+    labels, probs = predictions(model)
+    loaded = RMGEModel.load(str(saved_dir), adata=adata, accelerator="cpu")
+    new_labels, new_probs = predictions(loaded)
+    np.testing.assert_array_equal(new_labels, labels)
+    np.testing.assert_allclose(new_probs, probs, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(loaded.get_metagenes().to_numpy(), model.get_metagenes().to_numpy())
+    # the original model still works on its AnnData after another model was loaded onto it
+    np.testing.assert_array_equal(model.predict(), labels)
+
+
+def test_load_saved_anndata(trained, saved_dir):
+    model, adata = trained
+    loaded = RMGEModel.load(str(saved_dir), accelerator="cpu")
+    assert loaded.adata is not adata
+    assert loaded.adata.obs_names.equals(adata.obs_names)
+    np.testing.assert_array_equal(loaded.predict(), model.predict())
+    np.testing.assert_allclose(loaded.predict(soft=True).to_numpy(), model.predict(soft=True).to_numpy(), atol=1e-7)
+
+
+def test_save_refuses_existing_folder(trained, saved_dir):
+    model, _ = trained
+    before = sorted(os.listdir(saved_dir))
+    with pytest.raises(ValueError, match="already exists.*overwrite=True"):
+        model.save(str(saved_dir))
+    assert sorted(os.listdir(saved_dir)) == before
+
+
+def _fail(*args, **kwargs):
+    raise OSError("simulated disk failure")
+
+
+@pytest.mark.parametrize("target", ["model_save", "torch_save"])
+def test_failed_save_keeps_old_model(trained, tmp_path, monkeypatch, target):
+    model, adata = trained
+    labels, probs = predictions(model)
+    path = tmp_path / "model"
+    model.save(str(path))
+    before = sorted(os.listdir(path))
+    if target == "model_save":
+        monkeypatch.setattr(BaseModelClass, "save", _fail)
+    else:
+        monkeypatch.setattr(torch, "save", _fail)
+    with pytest.raises(OSError, match="simulated disk failure"):
+        model.save(str(path), overwrite=True, save_anndata=True)
+    monkeypatch.undo()
+    assert sorted(os.listdir(path)) == before
+    assert sorted(os.listdir(tmp_path)) == ["model"], "temporary folders were left behind"
+    old = RMGEModel.load(str(path), adata=adata, accelerator="cpu")
+    new_labels, new_probs = predictions(old)
+    np.testing.assert_array_equal(new_labels, labels)
+    np.testing.assert_allclose(new_probs, probs, rtol=1e-6, atol=1e-7)
+
+
+def test_save_overwrite_replaces_model(trained, tmp_path):
+    model, adata = trained
+    path = tmp_path / "model"
+    model.save(str(path))
+    model.save(str(path), overwrite=True, save_anndata=True)
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+    loaded = RMGEModel.load(str(path), accelerator="cpu")  # the AnnData written by the second save
+    np.testing.assert_array_equal(loaded.predict(), model.predict())
+
+
+def _other_genes(adata: ad.AnnData, how: str) -> ad.AnnData:
+    if how == "dropped":
+        return adata[:, 1:].copy()
+    other = adata.copy()
+    names = other.var_names.to_numpy().copy()
+    if how == "renamed":
+        names[3] = "not_a_gene"
+        other.var_names = names
+        return other
+    return other[:, names[::-1]].copy()  # reordered
+
+
+@pytest.mark.parametrize("how", ["dropped", "renamed", "reordered"])
+def test_load_with_other_genes(trained, saved_dir, how):
+    _, adata = trained
+    other = _other_genes(adata, how)
+    with pytest.raises(ValueError, match="genes do not match"):
+        RMGEModel.load(str(saved_dir), adata=other, accelerator="cpu")
+
+
+@pytest.mark.parametrize("how", ["dropped", "renamed", "reordered"])
+def test_predict_with_other_genes(trained, how):
+    model, adata = trained
+    other = _other_genes(adata, how)
+    with pytest.raises(ValueError, match="genes do not match"):
+        model.predict(other)
+
+
+def test_predict_new_anndata(trained):
+    model, adata = trained
+    idx = spatial_indices(adata)
+    new = ad.AnnData(
+        X=sp.csr_matrix(adata.X[idx]),
+        obs=pd.DataFrame(index=adata.obs_names[idx].copy()),
+        var=pd.DataFrame(index=adata.var_names.copy()),
+    )
+    with pytest.warns(UserWarning, match="no domain column"):
+        labels = model.predict(new)
+    with pytest.warns(UserWarning, match="no domain column"):
+        probs = model.predict(new, soft=True)
+    np.testing.assert_array_equal(labels, model.predict(indices=idx))
+    assert probs.index.equals(new.obs_names)
+    np.testing.assert_allclose(probs.to_numpy(), model.predict(indices=idx, soft=True).to_numpy(), atol=1e-6)
+    with pytest.warns(UserWarning, match="no domain column"):
+        z = model.get_latent_representation(new)
+    np.testing.assert_allclose(z, model.get_latent_representation(indices=idx), atol=1e-5)
+
+
+# ------------------------------------------------------------------ reproducibility and input formats
+
+
+def test_seed_reproducibility(synthetic_adata):
+    runs = [train_model(synthetic_adata.copy(), seed=s, max_epochs=3) for s in (0, 0, 1)]
+    (l0, p0), (l1, p1), (_, p2) = (predictions(m) for m in runs)
+    np.testing.assert_array_equal(l0, l1)
+    np.testing.assert_array_equal(p0, p1)
+    assert not np.allclose(p0, p2), "a different seed gave the same probabilities"
+
+
+def test_sparse_and_dense_input(trained, synthetic_adata):
+    model, adata = trained
+    assert sp.issparse(adata.X)
+    dense = synthetic_adata.copy()
+    dense.X = dense.X.toarray()
+    dense_model = train_model(dense)
+    acc_sparse = spatial_accuracy(model, adata)
+    acc_dense = spatial_accuracy(dense_model, dense)
+    assert acc_dense >= 0.9
+    assert abs(acc_sparse - acc_dense) <= 0.03
+    agree = (model.predict() == dense_model.predict()).mean()
+    assert agree >= 0.95
+
+
+def test_original_preset_with_cells_thinned_to_zero():
+    adata = make_adata(spatial_depth_ratio=0.0015, seed=1)
+    depth = np.asarray(adata.X.sum(1)).ravel()
+    assert np.median(depth[spatial_indices(adata)]) <= 4
+    model = train_model(adata, max_epochs=8, **RMGEModel.ORIGINAL)
+    # the test holds only if sparsity matching really empties reference cells
+    assert model.module.sparsity_matching
+    ref_counts = torch.as_tensor(adata.X[reference_indices(adata)].toarray())
+    torch.manual_seed(0)
+    assert (model.module.thin(ref_counts).sum(1) == 0).any()
+    for key, frame in model.history.items():
+        assert np.all(np.isfinite(frame.to_numpy(dtype=float))), key
+    assert np.all(np.isfinite(model.get_latent_representation()))
+    probs = model.predict(soft=True).to_numpy()
+    assert np.all(np.isfinite(probs))
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_missing_label_column(small_adata):
+    with pytest.raises(ValueError, match="Label column 'nope' not found"):
+        RMGEModel.setup_anndata(small_adata, labels_key="nope")
+
+
+def test_unknown_domain_column(small_adata):
+    with pytest.raises(ValueError, match="Domain column 'nope' not found"):
+        RMGEModel.setup_anndata(small_adata, labels_key=LABELS, domain_key="nope")
+
+
+def test_no_reference_cells(small_adata):
+    with pytest.raises(ValueError, match="No reference cells.*reference_domain='ref'"):
+        RMGEModel.setup_anndata(small_adata, labels_key=LABELS, reference_domain="ref")
+
+
+def test_no_query_cells(small_adata):
+    ref_only = small_adata[reference_indices(small_adata)].copy()
+    with pytest.raises(ValueError, match="No query cells"):
+        RMGEModel.setup_anndata(ref_only, labels_key=LABELS)
+
+
+def test_single_class(small_adata):
+    labels = small_adata.obs[LABELS].astype(object)
+    labels[labels.notna()] = "type_0"
+    small_adata.obs[LABELS] = pd.Categorical(labels)
+    with pytest.raises(ValueError, match="single cell type.*at least two"):
+        RMGEModel.setup_anndata(small_adata, labels_key=LABELS)
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [(-1.0, "negative values"), (np.nan, "non-finite"), (np.inf, "non-finite")],
+    ids=["negative", "nan", "inf"],
+)
+def test_bad_values(small_adata, value, match, dense):
+    X = small_adata.X.copy()
+    X.data[5] = value
+    small_adata.X = X.toarray() if dense else X
+    with pytest.raises(ValueError, match=match):
+        RMGEModel.setup_anndata(small_adata, labels_key=LABELS)
+
+
+def test_log_normalized_data(small_adata):
+    X = small_adata.X.copy().astype(np.float64)
+    lib = np.asarray(X.sum(1)).ravel()
+    X = sp.csr_matrix(sp.diags(1e4 / lib) @ X)
+    X.data = np.log1p(X.data)
+    small_adata.X = X.astype(np.float32)
+    with pytest.raises(ValueError, match="look log-normalised.*counts"):
+        RMGEModel.setup_anndata(small_adata, labels_key=LABELS)
+
+
+def test_empty_cells(small_adata):
+    X = small_adata.X.tolil()
+    X[[0, len(reference_indices(small_adata))], :] = 0  # one reference and one spatial cell
+    small_adata.X = X.tocsr()
+    with pytest.raises(ValueError, match=r"2 cell\(s\) have no counts \(1 reference, 1 spatial\)"):
+        RMGEModel.setup_anndata(small_adata, labels_key=LABELS)
+
+
+def test_unknown_prior_class(small_adata):
+    RMGEModel.setup_anndata(small_adata, labels_key=LABELS)
+    with pytest.raises(ValueError, match=r"`prior` names classes not in the reference: \['nope'\]"):
+        RMGEModel(small_adata, prior={"type_0": 0.5, "nope": 0.5})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"entropy_on": "x"}, "`entropy_on` must be one of"),
+        ({"reconstruct": "x"}, "`reconstruct` must be one of"),
+        ({"adversarial_target": "x"}, "`adversarial_target` must be one of"),
+        ({"class_weight": "x"}, "`class_weight` must be one of"),
+        ({"dropout_rate": 1.0}, r"`dropout_rate` must be in \[0, 1\)"),
+        ({"prior": "x"}, "`prior` must be 'reference', 'uniform'"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_invalid_options(small_adata, kwargs, match):
+    RMGEModel.setup_anndata(small_adata, labels_key=LABELS)
+    with pytest.raises(ValueError, match=match):
+        RMGEModel(small_adata, **kwargs)
+
+
+def test_predict_before_train(small_adata):
+    RMGEModel.setup_anndata(small_adata, labels_key=LABELS)
+    model = RMGEModel(small_adata)
+    with pytest.raises(RuntimeError, match="untrained model.*train the model first"):
+        model.predict()
+    with pytest.raises(RuntimeError, match="train the model first"):
+        model.get_latent_representation()
