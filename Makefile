@@ -3,7 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of PyTorch; a plain `torch` requirement would pull a multi-GB CUDA build on Linux.
+# PyTorch is installed first, pinned, and only where the environment has none: an unpinned `torch`
+# requirement pulled in by a dependency could fetch a newer multi-GB CUDA build. Point pip at a CPU
+# wheel index (PIP_INDEX_URL / PIP_EXTRA_INDEX_URL) or override TORCH_SPEC to choose the build.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.rmge-installed
 

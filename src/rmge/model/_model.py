@@ -162,7 +162,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
     def __init__(
         self,
         adata: AnnData,
-        dropout_rate: float = 0.5,
+        dropout_rate: float = 0.8,
         standardize: bool = True,
         sparsity_matching: bool | Literal["auto"] = "auto",
         prior: str | dict | None = None,
@@ -770,6 +770,9 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         parent = os.path.dirname(dir_path)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".rmge-save-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes an owner-only folder; give it the usual permissions
         try:
             super().save(tmp, prefix=prefix, overwrite=True, save_anndata=save_anndata, **kwargs)
         except BaseException:

@@ -81,6 +81,9 @@ class RMGEModule(BaseModuleClass):
         Fraction of each predicted class's spatial cells (the most confident, by margin between the two
         best classes) used as pseudo-labels in each minibatch. Selecting per class keeps rare types from
         being swamped by abundant ones.
+    pseudo_label_agreement
+        Keep a pseudo-label only where the initial metagenes (e.g. reference centroids, kept frozen)
+        predict the same type. Guards against adaptation drifting a whole class into another.
     classifier
         ``"cosine"``: activities are the scaled cosine similarity between the cell's centred,
         standardised profile and each metagene (a correlation classifier, robust to depth and platform
@@ -124,6 +127,7 @@ class RMGEModule(BaseModuleClass):
         classifier: str = "cosine",
         init_metagenes: torch.Tensor | None = None,
         init_scale: float = 10.0,
+        pseudo_label_agreement: bool = True,
         n_hidden_discriminator: int = 32,
     ):
         super().__init__()
@@ -163,10 +167,13 @@ class RMGEModule(BaseModuleClass):
 
         self.dropout = nn.Dropout(p=dropout_rate)
         self.encoder = nn.Linear(n_input, n_labels, bias=classifier == "linear")
+        self.pseudo_label_agreement = pseudo_label_agreement and init_metagenes is not None
         if init_metagenes is not None:
             with torch.no_grad():
                 w = torch.as_tensor(init_metagenes, dtype=torch.float32)
                 self.encoder.weight.copy_(w / w.norm(dim=1, keepdim=True).clamp(min=1e-8))
+        # frozen copy of the initial metagenes (used by pseudo_label_agreement)
+        self.register_buffer("init_weight", self.encoder.weight.detach().clone())
         # log of the scale of cosine activities
         self.log_scale = nn.Parameter(torch.tensor([math.log(init_scale)]), requires_grad=classifier == "cosine")
         self.decoder = nn.Linear(n_labels, n_input)
@@ -219,14 +226,17 @@ class RMGEModule(BaseModuleClass):
     def _get_generative_input(self, tensors, inference_outputs) -> dict[str, torch.Tensor]:
         return {"z": inference_outputs["z"]}
 
-    def encode(self, x_norm: torch.Tensor, dropout: bool = True) -> torch.Tensor:
-        """Metagene activities of normalised profiles (input dropout applies in training mode)."""
+    def encode(self, x_norm: torch.Tensor, dropout: bool = True, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Metagene activities of normalised profiles (input dropout applies in training mode).
+
+        ``weight`` replaces the encoder's metagenes (e.g. the frozen initial ones).
+        """
         x = self.dropout(x_norm) if dropout else x_norm
         if self.classifier == "linear":
-            return self.encoder(x)
+            return nn.functional.linear(x, self.encoder.weight if weight is None else weight, self.encoder.bias)
         x = x - x.mean(-1, keepdim=True)
         x = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-        w = self.encoder.weight
+        w = self.encoder.weight if weight is None else weight
         w = w / w.norm(dim=-1, keepdim=True).clamp(min=1e-8)
         return self.log_scale.exp() * (x @ w.T)
 
@@ -256,6 +266,8 @@ class RMGEModule(BaseModuleClass):
             # predictions without dropout choose the pseudo-labels
             with torch.no_grad():
                 out["z_clean"] = self.encode(x_norm, dropout=False)
+                if self.pseudo_label_agreement:
+                    out["label_init"] = self.encode(x_norm, dropout=False, weight=self.init_weight).argmax(-1)
         return out
 
     @auto_move_data
@@ -351,6 +363,8 @@ class RMGEModule(BaseModuleClass):
         if n_query > 0 and w_pl > 0:
             z_sel = inference_outputs.get("z_clean", z).detach()
             keep, pl = self.select_pseudo_labels(self.probabilities(z_sel, is_query)[is_query])
+            if "label_init" in inference_outputs:
+                keep = keep & (inference_outputs["label_init"][is_query] == pl)
             if bool(keep.any()):
                 pseudo = (
                     F.cross_entropy(z[is_query][keep], pl[keep], weight=self.class_weights, reduction="sum")
