@@ -85,7 +85,15 @@ def score(task_id: str, method: str, prefix: Path, worker: dict) -> dict | None:
     return transfer_metrics(truth, labels, proba=proba, classes=worker.get("reference_classes"))
 
 
-def run_one(task_id: str, method: str, results: Path, timeout: float, max_epochs: int | None, seed: int) -> dict:
+def run_one(
+    task_id: str,
+    method: str,
+    results: Path,
+    timeout: float,
+    max_epochs: int | None,
+    seed: int,
+    keep_predictions: bool = False,
+) -> dict:
     """Run one pair in a child process, score it and save its record."""
     fid = _file_id(task_id, method)
     prefix = results / fid
@@ -113,6 +121,8 @@ def run_one(task_id: str, method: str, results: Path, timeout: float, max_epochs
     record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     _atomic_json(results / f"{fid}.json", record)
     worker_json.unlink(missing_ok=True)
+    if not keep_predictions:
+        prefix.with_name(fid + ".npz").unlink(missing_ok=True)
     return record
 
 
@@ -140,6 +150,9 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed to one run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report-only", action="store_true", help="only rebuild the table and plot")
+    parser.add_argument(
+        "--keep-predictions", action="store_true", help="keep each run's labels and probabilities (RESULTS/*.npz)"
+    )
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -166,7 +179,7 @@ def main(argv=None) -> int:
         for task_id in task_ids:
             for method in methods:
                 print(f"[{task_id} / {method}] running ...", flush=True)
-                rec = run_one(task_id, method, results, args.timeout, max_epochs, args.seed)
+                rec = run_one(task_id, method, results, args.timeout, max_epochs, args.seed, args.keep_predictions)
                 print(f"[{task_id} / {method}] {_summary(rec)}", flush=True)
 
     records = report.load_records(results)

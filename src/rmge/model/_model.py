@@ -26,7 +26,7 @@ from scvi.utils import setup_anndata_dsp
 from rmge._constants import COUNTS, LOG_NORMALIZED, REGISTRY_KEYS
 from rmge._validation import check_nonnegative_finite, detect_value_kind
 
-from ._module import MAX_Z, N_QUANTILES, TARGET_SUM, RMGEModule
+from ._module import N_QUANTILES, TARGET_SUM, RMGEModule
 from ._trainingplan import RMGEDataSplitter, RMGETrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -331,7 +331,8 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
                 values = list(pd.unique(obs[domain_key].astype(str)))[:10]
                 raise ValueError(
                     f"No reference cells: no value of adata.obs[{domain_key!r}] equals reference_domain="
-                    f"{reference_domain!r} (values: {values}). Set `reference_domain` to the value marking reference cells."
+                    f"{reference_domain!r} (values: {values}). "
+                    "Set `reference_domain` to the value marking reference cells."
                 )
             if is_ref.all():
                 raise ValueError(
@@ -403,8 +404,14 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
                 adata, args["labels_key"], args["domain_key"], args["reference_domain"], args["batch_key"], strict=False
             )
             missing = np.setdiff1d(self.adata.var_names, adata.var_names)
-            if len(missing) or adata.n_vars != self.adata.n_vars or not np.array_equal(adata.var_names, self.adata.var_names):
-                raise ValueError(self._gene_mismatch_message(np.asarray(self.adata.var_names), np.asarray(adata.var_names)))
+            if (
+                len(missing)
+                or adata.n_vars != self.adata.n_vars
+                or not np.array_equal(adata.var_names, self.adata.var_names)
+            ):
+                raise ValueError(
+                    self._gene_mismatch_message(np.asarray(self.adata.var_names), np.asarray(adata.var_names))
+                )
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     @staticmethod
@@ -533,9 +540,9 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
                 ln = _log_norm(block)
                 if gis_ref[gi]:
                     lab_b = labels[r]
-                    ind = sp.csr_matrix(
-                        (np.ones(len(r)), (lab_b, np.arange(len(r)))), shape=(n_labels + 1, len(r))
-                    )[:n_labels]
+                    ind = sp.csr_matrix((np.ones(len(r)), (lab_b, np.arange(len(r)))), shape=(n_labels + 1, len(r)))[
+                        :n_labels
+                    ]
                     class_sums[gi] += np.asarray((ind @ ln).todense())
                     class_n[gi] += np.bincount(lab_b, minlength=n_labels + 1)[:n_labels]
                 s1[gi] += np.asarray(ln.sum(0)).ravel()
@@ -745,7 +752,9 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         return pd.DataFrame(w, index=self.adata.var_names.copy(), columns=self.classes_)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, dir_path: str, prefix: str | None = None, overwrite: bool = False, save_anndata: bool = False, **kwargs):
+    def save(
+        self, dir_path: str, prefix: str | None = None, overwrite: bool = False, save_anndata: bool = False, **kwargs
+    ):
         """Save the model (scvi-tools format) atomically.
 
         The model is written into a temporary folder beside ``dir_path`` and moved into place only

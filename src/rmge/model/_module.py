@@ -160,7 +160,8 @@ class RMGEModule(BaseModuleClass):
         self.register_buffer("class_weights", torch.as_tensor(class_weights, dtype=torch.float32))
         has_prior = prior is not None
         self.register_buffer(
-            "prior", torch.as_tensor(prior if has_prior else torch.full((n_labels,), 1.0 / n_labels), dtype=torch.float32)
+            "prior",
+            torch.as_tensor(prior if has_prior else torch.full((n_labels,), 1.0 / n_labels), dtype=torch.float32),
         )
         if not has_prior:
             self.kl_weight = 0.0
@@ -367,8 +368,7 @@ class RMGEModule(BaseModuleClass):
                 keep = keep & (inference_outputs["label_init"][is_query] == pl)
             if bool(keep.any()):
                 pseudo = (
-                    F.cross_entropy(z[is_query][keep], pl[keep], weight=self.class_weights, reduction="sum")
-                    / n_query
+                    F.cross_entropy(z[is_query][keep], pl[keep], weight=self.class_weights, reduction="sum") / n_query
                 )
             else:
                 pseudo = zero
