@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import warnings
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -15,9 +16,7 @@ import scipy.sparse as sp
 import rmge
 from rmge.pp import _gene_activity as ga_mod
 
-DATA = "/work/shared/data"
-if not os.path.isdir(DATA):  # a clone next to the shared folder
-    DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+DATA = str(Path(os.environ.get("RMGE_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data")))
 PEAKS_H5AD = os.path.join(DATA, "granja2019_bonemarrow_atac_peaks.h5ad")
 GTF_HG19 = os.path.join(DATA, "gencode_hg19_genes.gtf.gz")
 

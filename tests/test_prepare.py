@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import scipy.sparse as sp
 import rmge
 from rmge._constants import COUNTS_LAYER, REFERENCE_DOMAIN, SPATIAL_DOMAIN
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(os.environ.get("RMGE_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 REF_FILE = DATA / "moffitt2018_hypothalamus_scrna_reference.h5ad"
 MERFISH_FILE = DATA / "moffitt2018_hypothalamus_merfish_query.h5ad"
 
