@@ -43,7 +43,9 @@ def _atomic_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_child(cmd: list[str], log_path: Path, timeout: float) -> tuple[int, float, float, bool]:
+def run_child(
+    cmd: list[str], log_path: Path, timeout: float, env: dict | None = None
+) -> tuple[int, float, float, bool]:
     """Run ``cmd`` in a new process; return (exit status, wall seconds, ru_maxrss MiB, timed out).
 
     ``ru_maxrss`` comes from ``os.wait4`` on that child alone (``RUSAGE_CHILDREN`` would give the
@@ -52,7 +54,7 @@ def run_child(cmd: list[str], log_path: Path, timeout: float) -> tuple[int, floa
     """
     t0 = time.perf_counter()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent, env=env)
         timed_out = False
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -93,6 +95,7 @@ def run_one(
     max_epochs: int | None,
     seed: int,
     keep_predictions: bool = False,
+    threads: int = 1,
 ) -> dict:
     """Run one pair in a child process, score it and save its record."""
     fid = _file_id(task_id, method)
@@ -102,13 +105,20 @@ def run_one(
     cmd = [sys.executable, str(HERE / "worker.py"), task_id, method, str(prefix), "--seed", str(seed)]
     if max_epochs is not None:
         cmd += ["--max-epochs", str(max_epochs)]
-    code, wall, peak, timed_out = run_child(cmd, results / f"{fid}.log", timeout)
+    cmd += ["--threads", str(threads)]
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env[var] = str(threads)
+    code, wall, peak, timed_out = run_child(cmd, results / f"{fid}.log", timeout, env)
     worker_json = prefix.with_name(fid + ".worker.json")
     record = json.loads(worker_json.read_text()) if worker_json.exists() else {"task": task_id, "method": method}
     record.update(process_seconds=round(wall, 2), ru_maxrss_mib=round(peak, 1), exit_code=code)
     record.setdefault("peak_rss_mib", record["ru_maxrss_mib"])
     if timed_out:
         record.update(status="failed", message=f"timed out after {timeout:.0f} s")
+    elif record.get("status") == "failed" and not record.get("message"):
+        tail = (results / f"{fid}.log").read_text(errors="replace").strip().splitlines()[-1:]
+        record["message"] = f"worker stopped without an error message; log ends with: {' '.join(tail)}"
     elif code != 0 or "status" not in record:
         tail = (results / f"{fid}.log").read_text(errors="replace").strip().splitlines()[-1:]
         record.update(status="failed", message=f"worker exited with {code}: {' '.join(tail)}")
@@ -118,6 +128,7 @@ def run_one(
         record.update(status="failed", message=f"scoring failed: {type(err).__name__}: {err}", metrics=None)
     record["seed"] = seed
     record["max_epochs"] = max_epochs
+    record["threads"] = threads
     record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     _atomic_json(results / f"{fid}.json", record)
     worker_json.unlink(missing_ok=True)
@@ -149,6 +160,12 @@ def main(argv=None) -> int:
     parser.add_argument("--max-epochs", type=int, default=None, help="cap on training epochs of neural methods")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed to one run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads of each run (torch, BLAS, OpenMP); 1 is fastest for these small models on a busy machine",
+    )
     parser.add_argument("--report-only", action="store_true", help="only rebuild the table and plot")
     parser.add_argument(
         "--keep-predictions", action="store_true", help="keep each run's labels and probabilities (RESULTS/*.npz)"
@@ -179,7 +196,9 @@ def main(argv=None) -> int:
         for task_id in task_ids:
             for method in methods:
                 print(f"[{task_id} / {method}] running ...", flush=True)
-                rec = run_one(task_id, method, results, args.timeout, max_epochs, args.seed, args.keep_predictions)
+                rec = run_one(
+                    task_id, method, results, args.timeout, max_epochs, args.seed, args.keep_predictions, args.threads
+                )
                 print(f"[{task_id} / {method}] {_summary(rec)}", flush=True)
 
     records = report.load_records(results)

@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("prefix")
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     prefix = Path(args.prefix)
     record: dict = {"task": args.task, "method": args.method, "status": "failed"}
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
         )
         fit = methods.METHODS[args.method]
         methods.preload(args.method)  # imports are not part of the timed fit
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(args.threads)
         t1 = time.perf_counter()
         try:
             labels, proba = fit(task.reference, task.query, task.labels_key, seed=args.seed, max_epochs=args.max_epochs)
@@ -101,6 +104,9 @@ def main(argv=None) -> int:
         record.update(status="failed", message=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
         traceback.print_exc()
         return 0
+    except BaseException as err:  # interrupted (signal, SystemExit): record why, then stop
+        record.update(status="failed", message=f"interrupted: {type(err).__name__} {err}")
+        raise
     finally:
         record["worker_seconds"] = round(time.perf_counter() - t0, 3)
         record["peak_rss_mib"] = round(peak_rss_mib(), 1)

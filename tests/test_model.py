@@ -170,12 +170,45 @@ def test_latent_representation_is_the_logits(trained):
     ref = reference_indices(adata)
     sp_idx = spatial_indices(adata)
     np.testing.assert_array_equal(classes[z[ref].argmax(1)], labels[ref])
-    # reference probabilities are the softmax of the logits; spatial ones divide them by the temperature
-    np.testing.assert_allclose(softmax(z[ref], axis=1), probs[ref], atol=1e-5)
+    # reference probabilities are the softmax of the logits over the calibration temperature;
+    # spatial ones also divide them by the learned spatial temperature
+    calibration = float(model.module.calibration_temperature.cpu())
+    assert calibration > 0
+    np.testing.assert_allclose(softmax(z[ref] / calibration, axis=1), probs[ref], atol=1e-5)
     temperature = float(model.module.temperature.detach().cpu())
     assert temperature > 0
-    np.testing.assert_allclose(softmax(z[sp_idx] / temperature, axis=1), probs[sp_idx], atol=1e-5)
+    np.testing.assert_allclose(softmax(z[sp_idx] / temperature / calibration, axis=1), probs[sp_idx], atol=1e-5)
     np.testing.assert_array_equal(classes[z.argmax(1)], labels)
+
+
+def test_calibration_is_reproducible_and_checks_its_cells(trained):
+    model, adata = trained
+    fitted = float(model.module.calibration_temperature.cpu())
+    assert 0.5 - 1e-6 <= fitted <= 20.0 + 1e-6
+    # refitting on the same held-out cells gives the same temperature (thinning uses a fixed seed)
+    assert model.calibrate() == pytest.approx(fitted, rel=1e-6)
+    with pytest.raises(ValueError, match="spatial cells"):
+        model.calibrate(indices=spatial_indices(adata)[:5])
+    assert float(model.module.calibration_temperature.cpu()) == pytest.approx(fitted, rel=1e-6)
+
+
+def test_calibration_lowers_the_nll_of_held_out_cells_without_thinning(tmp_path):
+    ref, sp_ = rmge.datasets.synthetic(n_reference=400, n_spatial=300, n_genes=100, n_classes=4, seed=3)
+    adata = rmge.pp.prepare(ref, sp_, labels_key="cell_type", n_top_genes=None)
+    rmge.RMGEModel.setup_anndata(adata, labels_key="cell_type", domain_key="domain")
+    model = rmge.RMGEModel(adata, sparsity_matching=False)
+    model.train(max_epochs=8, **TRAIN_KWARGS)
+    val = np.asarray(model.validation_indices)
+    codes = [model.classes_.index(c) for c in adata.obs["cell_type"].to_numpy()[val]]
+
+    def nll():
+        p = model.predict(indices=val, soft=True).to_numpy()
+        return -np.mean(np.log(p[np.arange(len(val)), codes]))
+
+    fitted = nll()
+    for t in (0.7, 1.0, 2.0, 5.0):
+        model.module.calibration_temperature.fill_(t)
+        assert fitted <= nll() + 1e-6
 
 
 def test_classes_follow_reference_category_order(trained):

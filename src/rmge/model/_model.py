@@ -580,6 +580,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         early_stopping: bool = True,
         early_stopping_patience: int = 15,
         shuffle_set_split: bool = True,
+        calibrate: bool = True,
         plan_kwargs: dict | None = None,
         datasplitter_kwargs: dict | None = None,
         **trainer_kwargs,
@@ -609,6 +610,8 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             Epochs without improvement before stopping.
         shuffle_set_split
             Shuffle reference cells before the validation split.
+        calibrate
+            Fit the calibration temperature on the validation cells after training (:meth:`calibrate`).
         plan_kwargs
             Keyword arguments of :class:`~rmge.model.RMGETrainingPlan` (e.g. ``lr``).
         datasplitter_kwargs
@@ -660,7 +663,59 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             devices=devices,
             **trainer_kwargs,
         )
-        return runner()
+        out = runner()
+        if calibrate and splitter.n_val > 0:
+            self.calibrate()
+        return out
+
+    @torch.inference_mode()
+    def calibrate(self, indices: Sequence[int] | None = None, batch_size: int | None = None) -> float:
+        """Fit the calibration temperature on held-out reference cells (temperature scaling).
+
+        The temperature minimising the negative log-likelihood of the true labels is searched on a
+        fine logarithmic grid from 0.5 to 20, a deterministic one-dimensional fit. The lower bound keeps
+        a perfectly separated validation set (whose likelihood always rises with sharper predictions)
+        from making spatial predictions, which are harder, overconfident. Reference cells are
+        thinned to the spatial depth first when sparsity matching is on, so that confidence is
+        fitted in the regime of the spatial data. Called at the end of :meth:`train`.
+
+        Parameters
+        ----------
+        indices
+            Labelled reference cells to fit on; ``None`` uses the validation cells of the last training.
+        batch_size
+            Minibatch size of inference.
+
+        Returns
+        -------
+        The fitted temperature (also stored in the module and saved with the model).
+        """
+        self._check_if_trained(warn=False)
+        if indices is None:
+            indices = getattr(self, "validation_indices", None)
+        if indices is None or len(indices) == 0:
+            raise ValueError("No held-out reference cells to calibrate on: pass `indices` of labelled reference cells.")
+        indices = np.asarray(indices)
+        domain = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.DOMAIN_KEY)).ravel()[indices]
+        if (domain != 0).any():
+            raise ValueError("Calibration needs labelled reference cells; some `indices` are spatial cells.")
+        labels = torch.as_tensor(np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel())
+        dl = self._make_data_loader(adata=self.adata, indices=indices, batch_size=batch_size or 2048, shuffle=False)
+        self.module.eval()
+        zs = []
+        # thinning draws from a fixed seed, so the fit is reproducible and leaves the global RNG untouched
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed if settings.seed is not None else 0)
+            for tensors in dl:
+                out = self.module.inference(**self.module._get_inference_input(tensors), thin=True)
+                zs.append(out["z"].cpu())
+        z = torch.cat(zs).double()
+        y = labels[indices].long()
+        grid = torch.logspace(np.log10(0.5), np.log10(20.0), 400, dtype=torch.float64)
+        nll = torch.stack([torch.nn.functional.cross_entropy(z / t, y) for t in grid])
+        best = float(grid[int(nll.argmin())])
+        self.module.calibration_temperature.fill_(best)
+        return best
 
     # ------------------------------------------------------------------ outputs
     @torch.inference_mode()
@@ -706,11 +761,13 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         Returns
         -------
         Labels (``np.ndarray`` of str), or with ``soft=True`` a DataFrame cells × reference types whose rows sum to 1.
-        Spatial cells' probabilities use the learned temperature.
+        Spatial cells' logits are divided by the learned temperature, and all logits by the calibration
+        temperature fitted after training.
         """
         self._check_if_trained(warn=False)
         adata, z, is_query = self._forward_all(adata, indices, batch_size)
-        probs = self.module.probabilities(z.to(self.module.temperature.device), is_query.to(z.device)).cpu().numpy()
+        dev = self.module.temperature.device
+        probs = self.module.probabilities(z.to(dev), is_query.to(dev), calibrated=True).cpu().numpy()
         classes = np.asarray(self.classes_, dtype=object)
         if soft:
             return pd.DataFrame(probs, index=self._obs_names(adata, indices), columns=classes)

@@ -173,6 +173,8 @@ class RMGEModule(BaseModuleClass):
             with torch.no_grad():
                 w = torch.as_tensor(init_metagenes, dtype=torch.float32)
                 self.encoder.weight.copy_(w / w.norm(dim=1, keepdim=True).clamp(min=1e-8))
+        # post-hoc temperature fitted on held-out reference cells (1 until calibrated)
+        self.register_buffer("calibration_temperature", torch.ones(1))
         # frozen copy of the initial metagenes (used by pseudo_label_agreement)
         self.register_buffer("init_weight", self.encoder.weight.detach().clone())
         # log of the scale of cosine activities
@@ -281,12 +283,20 @@ class RMGEModule(BaseModuleClass):
         """Learned temperature of spatial logits."""
         return self.log_temperature.exp()
 
-    def probabilities(self, z: torch.Tensor, is_query: torch.Tensor | None = None) -> torch.Tensor:
-        """Class probabilities; spatial (query) logits are divided by the learned temperature."""
-        if is_query is None:
-            return F.softmax(z, dim=-1)
-        scale = torch.where(is_query.view(-1, 1), 1.0 / self.temperature, torch.ones_like(self.temperature))
-        return F.softmax(z * scale, dim=-1)
+    def probabilities(
+        self, z: torch.Tensor, is_query: torch.Tensor | None = None, calibrated: bool = False
+    ) -> torch.Tensor:
+        """Class probabilities; spatial (query) logits are divided by the learned temperature.
+
+        With ``calibrated=True`` all logits are further divided by the calibration temperature fitted
+        after training (:meth:`rmge.RMGEModel.calibrate`).
+        """
+        if is_query is not None:
+            scale = torch.where(is_query.view(-1, 1), 1.0 / self.temperature, torch.ones_like(self.temperature))
+            z = z * scale
+        if calibrated:
+            z = z / self.calibration_temperature
+        return F.softmax(z, dim=-1)
 
     def loss(
         self,
@@ -341,10 +351,10 @@ class RMGEModule(BaseModuleClass):
         else:
             kl = zero
 
-        # entropy
+        # entropy (of untempered logits: the temperature is shaped by the adversary alone)
         ent_mask = is_query if self.entropy_on == "spatial" else is_ref
         if bool(ent_mask.any()):
-            p = probs[ent_mask]
+            p = F.softmax(z[ent_mask], dim=-1)
             entropy = -(p * p.clamp(min=1e-8).log()).sum(-1).mean()
         else:
             entropy = zero
