@@ -761,13 +761,15 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         Returns
         -------
         Labels (``np.ndarray`` of str), or with ``soft=True`` a DataFrame cells × reference types whose rows sum to 1.
-        Spatial cells' logits are divided by the learned temperature, and all logits by the calibration
-        temperature fitted after training.
+        Probabilities are the softmax of the metagene activities divided by the calibration temperature
+        fitted after training (:meth:`calibrate`).
         """
         self._check_if_trained(warn=False)
         adata, z, is_query = self._forward_all(adata, indices, batch_size)
+        # the learned spatial temperature serves the discriminator during training; predicted
+        # probabilities use the calibration temperature alone (measured to be better calibrated)
         dev = self.module.temperature.device
-        probs = self.module.probabilities(z.to(dev), is_query.to(dev), calibrated=True).cpu().numpy()
+        probs = self.module.probabilities(z.to(dev), None, calibrated=True).cpu().numpy()
         classes = np.asarray(self.classes_, dtype=object)
         if soft:
             return pd.DataFrame(probs, index=self._obs_names(adata, indices), columns=classes)
