@@ -504,3 +504,23 @@ def test_predict_before_train(small_adata):
         model.predict()
     with pytest.raises(RuntimeError, match="train the model first"):
         model.get_latent_representation()
+
+
+def test_map_cells_finds_the_nearest_reference_cell_of_the_predicted_type(trained):
+    model, adata = trained
+    pairing = model.map_cells(k=2, method="exact")
+    z = pd.DataFrame(model.get_latent_representation(), index=adata.obs_names)
+    predicted = pd.Series(model.predict(), index=adata.obs_names)
+    ref = adata.obs_names[reference_indices(adata)]
+    ref_labels = adata.obs.loc[ref, LABELS].astype(str)
+    table = pairing.table
+    assert set(table["spatial_cell"]) == set(adata.obs_names[spatial_indices(adata)])
+    # partners have the spatial cell's predicted type, and rank 1 is the brute-force nearest one
+    assert (ref_labels.loc[table["reference_cell"]].to_numpy() == predicted.loc[table["spatial_cell"]].to_numpy()).all()
+    first = table[table["rank"] == 1].set_index("spatial_cell")
+    for cell in first.index[:50]:
+        same = ref[ref_labels.to_numpy() == predicted[cell]]
+        d = np.linalg.norm(z.loc[same].to_numpy() - z.loc[cell].to_numpy(), axis=1)
+        assert first.loc[cell, "reference_cell"] == same[d.argmin()]
+        assert first.loc[cell, "distance"] == pytest.approx(d.min(), rel=1e-4, abs=1e-5)
+    np.testing.assert_allclose(np.asarray(pairing.weights.sum(1)).ravel(), 1.0, atol=1e-6)

@@ -810,6 +810,54 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         w = w.numpy().T
         return pd.DataFrame(w, index=self.adata.var_names.copy(), columns=self.classes_)
 
+    def map_cells(
+        self,
+        adata: AnnData | None = None,
+        k: int = 5,
+        method: Literal["nndescent", "exact", "ot"] = "nndescent",
+        metric: Literal["euclidean", "cosine"] = "euclidean",
+        **kwargs,
+    ):
+        """Pair each spatial cell with the ``k`` closest reference cells of its predicted type.
+
+        Distances are measured in metagene space (:meth:`get_latent_representation`). See
+        :func:`rmge.tl.map_cells` for the methods, weights and further options; carry reference
+        features into space with :func:`rmge.tl.transfer_features` or :func:`rmge.tl.transfer_obs`.
+
+        Parameters
+        ----------
+        adata
+            AnnData with reference and spatial cells; ``None`` uses the set-up AnnData.
+        k
+            Reference partners per spatial cell.
+        method
+            ``"nndescent"`` (approximate for large types, exact for small ones), ``"exact"`` or ``"ot"``.
+        metric
+            Distance in metagene space.
+        **kwargs
+            Passed to :func:`rmge.tl.map_cells`.
+
+        Returns
+        -------
+        :class:`rmge.tl.CellPairing` with ``.table`` (one row per pair) and ``.weights`` (spatial × reference).
+        """
+        from rmge.tl import map_cells
+
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(adata)
+        is_ref = (adata.obs[_DOMAIN_COL] == _REFERENCE).to_numpy()
+        return map_cells(
+            self.get_latent_representation(adata),
+            adata.obs[_LABELS_COL].astype(str).to_numpy(),
+            is_ref,
+            predicted=self.predict(adata),
+            cell_names=adata.obs_names,
+            k=k,
+            method=method,
+            metric=metric,
+            **kwargs,
+        )
+
     # ------------------------------------------------------------------ persistence
     def save(
         self, dir_path: str, prefix: str | None = None, overwrite: bool = False, save_anndata: bool = False, **kwargs

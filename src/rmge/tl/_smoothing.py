@@ -69,7 +69,7 @@ def smooth_probabilities(
     *,
     spatial_key: str = "spatial",
     n_neighbors: int = 8,
-    alpha: float = 0.5,
+    alpha: float = 0.25,
     batch_key: str | None = None,
     n_iterations: int = 1,
 ):
