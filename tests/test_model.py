@@ -524,3 +524,18 @@ def test_map_cells_finds_the_nearest_reference_cell_of_the_predicted_type(traine
         assert first.loc[cell, "reference_cell"] == same[d.argmin()]
         assert first.loc[cell, "distance"] == pytest.approx(d.min(), rel=1e-4, abs=1e-5)
     np.testing.assert_allclose(np.asarray(pairing.weights.sum(1)).ravel(), 1.0, atol=1e-6)
+
+
+def test_unknown_threshold_labels_low_confidence_cells_unknown(trained):
+    model, _ = trained
+    probs = model.predict(soft=True)
+    labels = model.predict()
+    threshold = float(np.median(probs.max(1)))
+    with_unknown = model.predict(unknown_threshold=threshold)
+    low = probs.max(1).to_numpy() < threshold
+    assert low.any() and (~low).any()
+    assert (with_unknown[low] == "Unknown").all()
+    np.testing.assert_array_equal(with_unknown[~low], labels[~low])
+    np.testing.assert_array_equal(model.predict(unknown_threshold=0.0), labels)
+    with pytest.raises(ValueError, match="unknown_threshold"):
+        model.predict(unknown_threshold=1.5)

@@ -23,7 +23,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 
-from rmge._constants import COUNTS, LOG_NORMALIZED, REGISTRY_KEYS
+from rmge._constants import COUNTS, LOG_NORMALIZED, REGISTRY_KEYS, UNKNOWN_LABEL
 from rmge._validation import check_nonnegative_finite, detect_value_kind
 
 from ._module import N_QUANTILES, TARGET_SUM, RMGEModule
@@ -743,6 +743,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         indices: Sequence[int] | None = None,
         soft: bool = False,
         batch_size: int | None = None,
+        unknown_threshold: float | None = None,
     ) -> np.ndarray | pd.DataFrame:
         """Predict the cell type of each cell.
 
@@ -757,6 +758,9 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             Return probabilities instead of labels.
         batch_size
             Minibatch size of inference.
+        unknown_threshold
+            With labels (``soft=False``), cells whose largest calibrated probability is below this value
+            are labelled ``"Unknown"``; ``None`` labels every cell.
 
         Returns
         -------
@@ -773,7 +777,15 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         classes = np.asarray(self.classes_, dtype=object)
         if soft:
             return pd.DataFrame(probs, index=self._obs_names(adata, indices), columns=classes)
-        return classes[probs.argmax(1)] if len(probs) else np.asarray([], dtype=object)
+        if not len(probs):
+            return np.asarray([], dtype=object)
+        labels = classes[probs.argmax(1)]
+        if unknown_threshold is not None:
+            if not 0 <= unknown_threshold <= 1:
+                raise ValueError(f"`unknown_threshold` must be a probability in [0, 1], got {unknown_threshold}.")
+            labels = labels.copy()
+            labels[probs.max(1) < unknown_threshold] = UNKNOWN_LABEL
+        return labels
 
     @torch.inference_mode()
     def get_latent_representation(
