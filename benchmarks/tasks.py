@@ -24,6 +24,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from rmge.datasets import PBMC_CELL_TYPES
+
 DATA_DIR = Path(os.environ.get("RMGE_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 CACHE_DIR = Path(os.environ.get("RMGE_BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))
 LABELS_KEY = "cell_type"
@@ -88,17 +90,7 @@ GRANJA_REFERENCE_MAP = {
 }
 # pbmc68k_reduced bulk labels -> coarse classes. CD34+ cells are left unscored (the coarse
 # comparison is on mature types); Dendritic has no reference class here.
-GRANJA_QUERY_MAP = {
-    "CD19+ B": "B",
-    "CD4+/CD25 T Reg": "CD4 T",
-    "CD4+/CD45RO+ Memory": "CD4 T",
-    "CD4+/CD45RA+/CD25- Naive T": "CD4 T",
-    "CD8+ Cytotoxic T": "CD8 T",
-    "CD8+/CD45RA+ Naive Cytotoxic": "CD8 T",
-    "CD56+ NK": "NK",
-    "CD14+ Monocyte": "Monocyte",
-    "Dendritic": "Dendritic",
-}
+GRANJA_QUERY_MAP = {k: v for k, v in PBMC_CELL_TYPES.items() if k != "CD34+"}
 
 
 class TaskUnavailable(RuntimeError):
