@@ -101,7 +101,7 @@ def _labels_and_classes(reference: ad.AnnData, labels_key: str) -> tuple[np.ndar
 
 
 def _proba_frame(values: np.ndarray, classes, index) -> pd.DataFrame:
-    values = np.asarray(values, dtype=np.float64)
+    values = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0)
     sums = values.sum(axis=1, keepdims=True)
     # a row of zeros (a method gave a cell no mass at all) becomes uniform
     values = np.where(sums > 0, values / np.where(sums > 0, sums, 1.0), 1.0 / values.shape[1])
@@ -299,9 +299,20 @@ def _rmge(reference, query, labels_key, original, seed=0, max_epochs=None, **opt
     model = rmge.RMGEModel(adata, **(dict(rmge.RMGEModel.ORIGINAL) if original else {}))
     model.train(**({} if max_epochs is None else {"max_epochs": max_epochs}))
     soft = model.predict(indices=q_idx, soft=True)
-    proba = _proba_frame(np.asarray(soft), soft.columns, query.obs_names)
+    # prepare() drops query cells without a single count over the used genes; they get no label
+    # (scored as errors) and uniform probabilities, so that every method is scored on the same cells.
+    obs = adata.obs.iloc[q_idx]
+    names = obs["original_obs_name"] if "original_obs_name" in obs else obs.index
+    soft = pd.DataFrame(np.asarray(soft), index=pd.Index(names.astype(str)), columns=soft.columns)
+    soft = soft.reindex(query.obs_names.astype(str))
+    missing = soft.isna().any(axis=1).to_numpy()
+    proba = _proba_frame(soft.to_numpy(), soft.columns, query.obs_names)
+    labels = _argmax_labels(proba)
+    labels[missing] = None
     RUN_INFO["impl"] = f"rmge {_version('rmge')}" + (" (ORIGINAL preset)" if original else "")
-    return _argmax_labels(proba), proba
+    if missing.any():
+        RUN_INFO["impl"] += f"; {int(missing.sum())} empty query cells dropped by prepare (scored as errors)"
+    return labels, proba
 
 
 def rmge(reference, query, labels_key, **options):

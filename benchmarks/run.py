@@ -83,7 +83,7 @@ def score(task_id: str, method: str, prefix: Path, worker: dict) -> dict | None:
     with np.load(npz, allow_pickle=False) as z:
         truth = np.where(z["has_truth"], z["truth"].astype(object), None)
         proba = pd.DataFrame(z["proba"], columns=z["classes"]) if "proba" in z else None
-        labels = z["labels"].astype(object)
+        labels = np.where(z["labels"] == "", None, z["labels"].astype(object))  # "": the method gave no label
     return transfer_metrics(truth, labels, proba=proba, classes=worker.get("reference_classes"))
 
 

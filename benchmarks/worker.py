@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         arrays = {
             "truth": np.array(["" if t is None else str(t) for t in task.truth], dtype=str),
             "has_truth": np.array([t is not None for t in task.truth]),
-            "labels": labels.astype(str),
+            "labels": np.array(["" if p is None else str(p) for p in labels], dtype=str),  # "": no label
         }
         if proba is not None:
             arrays["proba"] = proba.to_numpy(dtype=np.float32)
