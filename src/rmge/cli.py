@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ import torch
 from anndata import AnnData
 
 import rmge
+from rmge._atomic import atomic_write
 from rmge._constants import COUNTS, DOMAIN_KEY, LOG_NORMALIZED, NORMALIZED, SPATIAL_DOMAIN
 
 logger = logging.getLogger("rmge")
@@ -308,12 +308,6 @@ def _info(message: str, quiet: bool) -> None:
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_h5ad_atomic(adata: AnnData, path: str | os.PathLike, compression: str | None = "gzip") -> Path:
     """Write an AnnData to ``.h5ad`` atomically: into a temporary file beside ``path``, then renamed.
 
@@ -332,20 +326,7 @@ def write_h5ad_atomic(adata: AnnData, path: str | os.PathLike, compression: str 
     -------
     The path written.
     """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.h5ad", dir=folder)
-    os.close(fd)
-    try:
-        adata.write_h5ad(tmp, compression=compression)
-        # mkstemp makes owner-only files; give the result the permissions a plain open() would.
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write(Path(path), lambda tmp: adata.write_h5ad(tmp, compression=compression), suffix=".tmp.h5ad")
 
 
 def _check_input_file(path: str, what: str) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from rmge._atomic import atomic_write
 from rmge._constants import UNKNOWN_LABEL
 
 _NA_LABEL = "NA"
@@ -45,12 +45,6 @@ def _resolve_show(show: bool | None) -> bool:
     if show is None:
         return bool(mpl.is_interactive())
     return bool(show)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: float | None = None, **kwargs: Any) -> Path:
@@ -84,18 +78,12 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: float | None = None, 
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FileNotFoundError(f"Cannot save a figure to {str(path)!r}: the folder {str(folder)!r} does not exist.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp.{fmt}", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format=fmt, dpi=dpi if dpi is not None else "figure", bbox_inches="tight", **kwargs)
-        # mkstemp makes owner-only files; give the result the permissions a plain open() would.
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    resolution = dpi if dpi is not None else "figure"
+    return atomic_write(
+        path,
+        lambda tmp: fig.savefig(tmp, format=fmt, dpi=resolution, bbox_inches="tight", **kwargs),
+        suffix=f".tmp.{fmt}",
+    )
 
 
 def _finish(fig: Figure, ax: Axes | None, save: str | os.PathLike | None, show: bool, dpi: float | None):
