@@ -171,9 +171,11 @@ def test_latent_representation_is_the_logits(trained):
     sp_idx = spatial_indices(adata)
     np.testing.assert_array_equal(classes[z[ref].argmax(1)], labels[ref])
     # probabilities are the softmax of the logits over the calibration temperature, for both domains
+    # (the reference temperature for reference cells, the spatial one for spatial cells)
     calibration = float(model.module.calibration_temperature.cpu())
-    assert calibration > 0
-    np.testing.assert_allclose(softmax(z[ref] / calibration, axis=1), probs[ref], atol=1e-5)
+    reference_calibration = float(model.module.reference_calibration_temperature.cpu())
+    assert calibration > 0 and reference_calibration > 0
+    np.testing.assert_allclose(softmax(z[ref] / reference_calibration, axis=1), probs[ref], atol=1e-5)
     np.testing.assert_allclose(softmax(z[sp_idx] / calibration, axis=1), probs[sp_idx], atol=1e-5)
     np.testing.assert_array_equal(classes[z.argmax(1)], labels)
 
@@ -204,8 +206,37 @@ def test_calibration_lowers_the_nll_of_held_out_cells_without_thinning(tmp_path)
 
     fitted = nll()
     for t in (0.7, 1.0, 2.0, 5.0):
-        model.module.calibration_temperature.fill_(t)
+        model.module.reference_calibration_temperature.fill_(t)
         assert fitted <= nll() + 1e-6
+
+
+def test_reference_cells_get_their_own_calibration(trained):
+    model, adata = trained
+    val = np.asarray(model.validation_indices)
+    codes = np.asarray([model.classes_.index(c) for c in adata.obs[LABELS].to_numpy()[val]])
+    z = torch.as_tensor(model.get_latent_representation(indices=val), dtype=torch.float64)
+
+    def nll(t):
+        return float(torch.nn.functional.cross_entropy(z / t, torch.as_tensor(codes)))
+
+    t_ref = float(model.module.reference_calibration_temperature.cpu())
+    t_spatial = float(model.module.calibration_temperature.cpu())
+    # the reference temperature is the likelihood optimum of the unthinned held-out cells
+    assert nll(t_ref) <= nll(t_spatial) + 1e-9
+    assert nll(t_ref) <= min(nll(t_ref * 1.2), nll(t_ref / 1.2)) + 1e-9
+
+
+def test_models_saved_with_one_temperature_still_load(trained, tmp_path):
+    model, adata = trained
+    path = tmp_path / "one_temperature"
+    model.save(str(path), overwrite=True)
+    state = torch.load(path / "model.pt", weights_only=False)
+    del state["model_state_dict"]["reference_calibration_temperature"]
+    torch.save(state, path / "model.pt")
+    loaded = RMGEModel.load(str(path), adata=adata, accelerator="cpu")
+    assert float(loaded.module.reference_calibration_temperature) == pytest.approx(
+        float(model.module.calibration_temperature)
+    )
 
 
 def test_classes_follow_reference_category_order(trained):

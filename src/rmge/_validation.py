@@ -19,7 +19,15 @@ def _iter_row_blocks(X, block_size: int = 20_000):
     """Yield row blocks of ``X`` (works for dense, sparse and backed h5py-like matrices)."""
     n = X.shape[0]
     for start in range(0, n, block_size):
-        yield X[start : min(start + block_size, n)]
+        stop = min(start + block_size, n)
+        if sp.issparse(X) and X.format == "csr":
+            # a view on the rows' stored values (slicing would copy them)
+            lo, hi = X.indptr[start], X.indptr[stop]
+            yield sp.csr_matrix(
+                (X.data[lo:hi], X.indices[lo:hi], X.indptr[start : stop + 1] - lo), shape=(stop - start, X.shape[1])
+            )
+        else:
+            yield X[start:stop]
 
 
 def check_nonnegative_finite(X, what: str = "data") -> None:

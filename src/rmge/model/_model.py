@@ -26,8 +26,9 @@ from scvi.utils import setup_anndata_dsp
 from rmge._constants import COUNTS, LOG_NORMALIZED, REGISTRY_KEYS, UNKNOWN_LABEL
 from rmge._validation import check_nonnegative_finite, detect_value_kind
 
-from ._module import N_QUANTILES, TARGET_SUM, RMGEModule
-from ._trainingplan import RMGEDataSplitter, RMGETrainingPlan
+from ._kernels import library_proportions, log_norm_sums, sparse_logits
+from ._module import N_QUANTILES, RMGEModule
+from ._trainingplan import MinibatchSource, RMGEDataSplitter, RMGETrainingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -39,34 +40,63 @@ _QUERY = "query"
 _REFERENCE = "reference"
 _BLOCK = 20_000
 _MIN_STD = 1e-2
+#: Training steps of the default stopping point (``train(max_epochs=None)``).
+_DEFAULT_STEPS = 6_000
+#: Longest epoch (in steps) of the default stopping point; longer passes run on across epochs.
+_MAX_DEFAULT_EPOCH_STEPS = 300
+#: Minibatches of each validation in that regime (10,240 held-out reference cells at the default batch size).
+_MAX_DEFAULT_VALIDATION_BATCHES = 40
 
 
-def _row_blocks(X, rows: np.ndarray, block: int = _BLOCK):
-    """Yield (row positions, CSR block) over ``rows`` of ``X`` without densifying ``X``."""
+def _read_rows(X, r: np.ndarray):
+    """Rows ``r`` of ``X`` (in memory or backed on disk), read as a slice where they are consecutive."""
+    if len(r) and r[-1] - r[0] + 1 == len(r) and (len(r) == 1 or bool(np.all(np.diff(r) == 1))):
+        a, b = int(r[0]), int(r[-1]) + 1
+        if sp.issparse(X) and X.format == "csr":
+            # a view on the in-memory arrays, without copying the block
+            lo, hi = X.indptr[a], X.indptr[b]
+            return sp.csr_matrix((X.data[lo:hi], X.indices[lo:hi], X.indptr[a : b + 1] - lo), shape=(b - a, X.shape[1]))
+        return X[a:b]
+    if isinstance(X, np.ndarray) or sp.issparse(X):
+        return X[r]
+    # on-disk matrices (anndata's sparse datasets, h5py) read increasing, unique indices
+    uniq, inverse = np.unique(r, return_inverse=True)
+    sub = X[uniq]
+    return sub[inverse] if len(uniq) != len(r) or not np.array_equal(uniq, r) else sub
+
+
+def _row_blocks(X, rows: np.ndarray, block: int = _BLOCK, dtype=np.float64):
+    """Yield (row positions, CSR block) over ``rows`` of ``X`` without densifying ``X``.
+
+    Works for in-memory (sparse or dense) and backed (``anndata.read_h5ad(..., backed="r")``) matrices;
+    runs of consecutive rows are read as slices, which backed matrices read fastest. With a ``dtype``
+    each block owns its arrays; with ``dtype=None`` a block of an in-memory CSR matrix is a read-only
+    view on it (no copy).
+    """
+    rows = np.asarray(rows)
     for start in range(0, len(rows), block):
         r = rows[start : start + block]
-        sub = X[r]
+        sub = _read_rows(X, r)
         if not sp.issparse(sub):
             sub = sp.csr_matrix(np.asarray(sub))
-        yield r, sp.csr_matrix(sub, dtype=np.float64)
+        if dtype is None and sub.format == "csr":
+            yield r, sub  # may be a view on X: read it, never modify it
+        else:
+            # owned arrays (never shared with X), so that callers may modify the block in place
+            sub = sp.csr_matrix(sub)
+            data = sub.data.astype(dtype or sub.dtype)
+            yield r, sp.csr_matrix((data, sub.indices.copy(), sub.indptr.copy()), shape=sub.shape)
 
 
-def _thin_csr(block: sp.csr_matrix, scale: np.ndarray, gene_factor: np.ndarray, rng) -> sp.csr_matrix:
-    """Numpy twin of :meth:`RMGEModule.thin` on a CSR block (same retention probabilities)."""
-    row = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-    p = np.clip(scale[row] * gene_factor[block.indices], 0.0, 1.0)
-    data = rng.binomial(np.round(block.data).astype(np.int64), p).astype(np.float64)
-    out = sp.csr_matrix((data, block.indices, block.indptr), shape=block.shape)
-    out.eliminate_zeros()
-    return out
-
-
-def _log_norm(block: sp.csr_matrix) -> sp.csr_matrix:
-    lib = np.asarray(block.sum(1)).ravel()
-    inv = TARGET_SUM / np.maximum(lib, 1.0)
-    out = sp.csr_matrix(sp.diags(inv) @ block)
-    out.data = np.log1p(out.data)
-    return out
+def _stat_block_rows(X, target_nnz: int = 4_000_000) -> int:
+    """Rows per block for passes over ``X`` that keep about ``target_nnz`` non-zero entries per block."""
+    n = max(X.shape[0], 1)
+    nnz = getattr(X, "nnz", None)
+    if nnz is None and hasattr(X, "group") and "indptr" in getattr(X, "group", {}):
+        nnz = int(X.group["indptr"][-1])
+    if nnz is None:
+        nnz = n * X.shape[1]
+    return int(np.clip(target_nnz * n / max(nnz, 1), 1_000, _BLOCK))
 
 
 class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
@@ -94,8 +124,9 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
     prior
         Prior composition of the spatial cells for the KL term: ``"reference"`` (reference
         proportions), ``"uniform"``, a mapping class → proportion, or ``None`` (no KL term).
-    classification_weight, reconstruction_weight, l2_weight, kl_weight, adversarial_weight,
-    entropy_weight, pseudo_label_weight
+    classification_weight, reconstruction_weight, l2_weight, kl_weight
+        Weights of the loss terms (see :class:`~rmge.RMGEModule`).
+    adversarial_weight, entropy_weight, pseudo_label_weight
         Weights of the loss terms (see :class:`~rmge.RMGEModule`).
     entropy_on
         ``"spatial"`` or ``"reference"``: whose predictions the entropy term sharpens.
@@ -241,6 +272,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             pseudo_label_fraction=pseudo_label_fraction,
             classifier=classifier,
             init_metagenes=torch.as_tensor(stats["centroids"]) if init_metagenes == "centroids" else None,
+            centroids=torch.as_tensor(stats["centroids"]),
             label_smoothing=label_smoothing,
             **module_kwargs,
         )
@@ -384,7 +416,13 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
                     "counts. Pass raw counts (e.g. `layer='counts'`), or build the AnnData with rmge.pp.prepare, "
                     "which converts log-normalised input back with expm1."
                 )
-        lib = np.asarray(X.sum(axis=1)).ravel()
+        if sp.issparse(X) or isinstance(X, np.ndarray):
+            lib = np.asarray(X.sum(axis=1)).ravel()
+        else:
+            # backed (on-disk) matrices are summed block by block
+            lib = np.zeros(X.shape[0])
+            for r, block in _row_blocks(X, np.arange(X.shape[0]), dtype=None):
+                lib[r] = np.asarray(block.sum(axis=1)).ravel()
         empty = lib <= 0
         if empty.any():
             n_ref = int((empty & is_ref).sum())
@@ -454,37 +492,37 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         return vec / vec.sum()
 
     def _compute_statistics(self, sparsity_matching) -> dict:
-        """Library-size quantiles, gene capture factors and per-group standardisation statistics."""
+        """Library-size quantiles, gene capture factors and per-group standardisation statistics.
+
+        Two passes over the data in row blocks, each block handled through its non-zero entries (the
+        data are never densified, and backed matrices are read block by block).
+        """
         manager = self.adata_manager
         X = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         domain = np.asarray(manager.get_from_registry(REGISTRY_KEYS.DOMAIN_KEY)).ravel()
-        group = np.asarray(manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).ravel()
-        labels = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
+        group = np.asarray(manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).ravel().astype(np.int64)
+        labels = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel().astype(np.int64)
         domain_map = list(manager.get_state_registry(REGISTRY_KEYS.DOMAIN_KEY).categorical_mapping)
         group_map = list(manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping)
         ref_code = domain_map.index(_REFERENCE)
         is_ref = domain == ref_code
-        n_genes = X.shape[1]
+        n_obs, n_genes = X.shape
         n_labels = len(self.classes_)
         label_counts = np.bincount(labels[is_ref], minlength=n_labels + 1)[:n_labels]
+        all_rows = np.arange(n_obs)
+        block_rows = _stat_block_rows(X)
 
-        # pass 1: library sizes and mean gene proportions per domain
-        lib = np.zeros(X.shape[0])
-        prop_sum = {True: np.zeros(n_genes), False: np.zeros(n_genes)}
-        for rows, block in _row_blocks(X, np.arange(X.shape[0])):
-            bl = np.asarray(block.sum(1)).ravel()
-            lib[rows] = bl
-            scaled = sp.diags(1.0 / np.maximum(bl, 1e-12)) @ block
-            for dom in (True, False):
-                m = is_ref[rows] == dom
-                if m.any():
-                    prop_sum[dom] += np.asarray(scaled[np.flatnonzero(m)].sum(0)).ravel()
+        # pass 1: library sizes and mean gene proportions per domain (row 0: spatial, row 1: reference)
+        lib = np.zeros(n_obs)
+        prop_sum = np.zeros((2, n_genes))
+        for r, block in _row_blocks(X, all_rows, block_rows, dtype=None):
+            lib[r] = library_proportions(block, is_ref[r], prop_sum)
         n_ref, n_q = int(is_ref.sum()), int((~is_ref).sum())
         qs = np.linspace(0, 1, N_QUANTILES)
         ref_q = np.quantile(lib[is_ref], qs) if n_ref else np.zeros(N_QUANTILES)
         sp_q = np.quantile(lib[~is_ref], qs) if n_q else np.zeros(N_QUANTILES)
-        ref_prop = prop_sum[True] / max(n_ref, 1)
-        sp_prop = prop_sum[False] / max(n_q, 1)
+        ref_prop = prop_sum[1] / max(n_ref, 1)
+        sp_prop = prop_sum[0] / max(n_q, 1)
         eps = 1e-3 / n_genes
         factor = (sp_prop + eps) / (ref_prop + eps)
         factor = np.clip(factor / factor.mean(), 1e-2, 1e2)
@@ -520,34 +558,34 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         # pass 2: per-group mean and std of log1p(normalize_total) (reference thinned as in training)
         rng = np.random.default_rng(settings.seed)
         n_groups = len(group_map)
-        s1 = np.zeros((n_groups, n_genes))
-        s2 = np.zeros((n_groups, n_genes))
-        n_g = np.zeros(n_groups)
+        n_g = np.bincount(group, minlength=n_groups).astype(np.float64)
         gis_ref = np.zeros(n_groups, dtype=bool)
+        present, first = np.unique(group, return_index=True)
+        gis_ref[present] = is_ref[first]
+        ref_groups = np.flatnonzero(gis_ref)
+        slot_of_group = np.full(n_groups, -1, dtype=np.int64)
+        slot_of_group[ref_groups] = np.arange(len(ref_groups))
+        sums = {
+            "s1": np.zeros((n_groups, n_genes)),
+            "s2": np.zeros((n_groups, n_genes)),
+            "class_sums": np.zeros((len(ref_groups), n_labels, n_genes)),
+            "class_n": np.zeros((len(ref_groups), n_labels)),
+        }
+        if use_thin:
+            # each reference cell is thinned to the spatial depth at its own depth's rank
+            rank = np.searchsorted(ref_q, lib, side="right") / N_QUANTILES
+            depth = np.interp(np.clip(rank, 0, 1) * (N_QUANTILES - 1), np.arange(N_QUANTILES), sp_q)
+            target = np.where(is_ref, depth, -1.0)
+        else:
+            target = np.full(n_obs, -1.0)
+        slots = np.where(is_ref, slot_of_group[group], -1)
+        for r, block in _row_blocks(X, all_rows, block_rows, dtype=None):
+            log_norm_sums(block, group[r], slots[r], labels[r], target[r], factor, rng, sums)
+        s1, s2 = sums["s1"], sums["s2"]
         class_sums = np.zeros((n_groups, n_labels, n_genes))
         class_n = np.zeros((n_groups, n_labels))
-        for gi in range(n_groups):
-            rows = np.flatnonzero(group == gi)
-            if not len(rows):
-                continue
-            gis_ref[gi] = bool(is_ref[rows[0]])
-            for r, block in _row_blocks(X, rows):
-                if use_thin and gis_ref[gi]:
-                    rank = np.searchsorted(ref_q, lib[r], side="right") / N_QUANTILES
-                    target = np.interp(np.clip(rank, 0, 1) * (N_QUANTILES - 1), np.arange(N_QUANTILES), sp_q)
-                    wlib = np.asarray(block @ factor).ravel()
-                    block = _thin_csr(block, target / np.maximum(wlib, 1e-8), factor, rng)
-                ln = _log_norm(block)
-                if gis_ref[gi]:
-                    lab_b = labels[r]
-                    ind = sp.csr_matrix((np.ones(len(r)), (lab_b, np.arange(len(r)))), shape=(n_labels + 1, len(r)))[
-                        :n_labels
-                    ]
-                    class_sums[gi] += np.asarray((ind @ ln).todense())
-                    class_n[gi] += np.bincount(lab_b, minlength=n_labels + 1)[:n_labels]
-                s1[gi] += np.asarray(ln.sum(0)).ravel()
-                s2[gi] += np.asarray(ln.multiply(ln).sum(0)).ravel()
-                n_g[gi] += len(r)
+        class_sums[ref_groups] = sums["class_sums"]
+        class_n[ref_groups] = sums["class_n"]
         mean = s1 / np.maximum(n_g, 1)[:, None]
         var = np.maximum(s2 / np.maximum(n_g, 1)[:, None] - mean**2, 0.0)
         std = np.maximum(np.sqrt(var), _MIN_STD)
@@ -581,6 +619,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         early_stopping_patience: int = 15,
         shuffle_set_split: bool = True,
         calibrate: bool = True,
+        steps_per_epoch: int | None = None,
         plan_kwargs: dict | None = None,
         datasplitter_kwargs: dict | None = None,
         **trainer_kwargs,
@@ -592,10 +631,18 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         ``max_epochs``, default 0.2) and ramp up over as long again; from then on training stops early
         when the validation loss (held-out reference cells with a sample of spatial cells) stops improving.
 
+        By default (``max_epochs=None``) training takes about 6,000 steps. Where a pass over the larger
+        domain takes more than 300 steps (more than 76,800 cells with the default ``batch_size``), an
+        epoch is capped at 300 steps: passes then run on across epochs, and validation, early stopping
+        and the warm-ups count these epochs, each validation taking at most 40 minibatches (a fixed
+        random subset of the held-out cells). Training thus stays at 20 epochs of 300 steps whatever the
+        data size, while data with passes of up to 300 steps train exactly as before.
+
         Parameters
         ----------
         max_epochs
-            Maximum number of epochs. ``None``: about 6,000 steps, between 20 and 200 epochs.
+            Maximum number of epochs. ``None``: about 6,000 steps, between 20 and 200 epochs (epochs of at
+            most 300 steps, see above).
         accelerator
             ``"auto"``, ``"cpu"``, ``"gpu"``..., passed to Lightning.
         devices
@@ -612,12 +659,19 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             Shuffle reference cells before the validation split.
         calibrate
             Fit the calibration temperature on the validation cells after training (:meth:`calibrate`).
+        steps_per_epoch
+            Steps per epoch; ``None``: a pass over the larger domain, capped at 300 steps when
+            ``max_epochs`` is ``None``. Shorter epochs validate (and may stop) more often.
         plan_kwargs
             Keyword arguments of :class:`~rmge.model.RMGETrainingPlan` (e.g. ``lr``).
         datasplitter_kwargs
             Keyword arguments of :class:`~rmge.model.RMGEDataSplitter`.
         **trainer_kwargs
             Keyword arguments of :class:`scvi.train.Trainer` (e.g. ``enable_progress_bar``, ``strategy``).
+            Data-parallel training on several devices: ``accelerator="gpu", devices=4, strategy="ddp"``
+            (``"ddp"`` and its variants are run with ``find_unused_parameters=True``, which the discriminator's
+            second update of each step needs); each process then takes its own share of every pass, and
+            early stopping is off (scvi-tools' rule for DDP).
         """
         domain = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.DOMAIN_KEY)).ravel()
         labels = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
@@ -627,9 +681,24 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError("Training needs reference and spatial cells in the registered AnnData.")
         if validation_size is None or validation_size <= 0:
             early_stopping = False
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise ValueError(f"`steps_per_epoch` must be a positive integer or None, got {steps_per_epoch}.")
+        strategy = trainer_kwargs.get("strategy")
+        if isinstance(strategy, str) and strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
+            # the discriminator's update is a second backward pass in the same step, which DDP accepts only when
+            # it looks for parameters a pass leaves unused
+            trainer_kwargs["strategy"] = f"{strategy}_find_unused_parameters_true"
+        max_validation_batches = None
         if max_epochs is None:
             steps = int(np.ceil(max(len(ref_idx), len(query_idx)) / batch_size))
-            max_epochs = int(np.clip(round(6000 / max(steps, 1)), 20, 200))
+            if steps_per_epoch is None and steps > _MAX_DEFAULT_EPOCH_STEPS:
+                steps_per_epoch = _MAX_DEFAULT_EPOCH_STEPS
+                # large data: each validation takes a fixed subset of the held-out cells (a large reference
+                # would otherwise spend as long validating as training)
+                max_validation_batches = _MAX_DEFAULT_VALIDATION_BATCHES
+            if steps_per_epoch is not None:
+                steps = min(steps, steps_per_epoch)
+            max_epochs = int(np.clip(round(_DEFAULT_STEPS / max(steps, 1)), 20, 200))
         splitter = self._data_splitter_cls(
             self.adata_manager,
             reference_indices=ref_idx,
@@ -639,7 +708,8 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             batch_size=batch_size,
             shuffle_set_split=shuffle_set_split,
             distributed_sampler=use_distributed_sampler(trainer_kwargs.get("strategy", None)),
-            **(datasplitter_kwargs or {}),
+            steps_per_epoch=steps_per_epoch,
+            **{"max_validation_batches": max_validation_batches, **(datasplitter_kwargs or {})},
         )
         if splitter.n_val == 0:
             early_stopping = False
@@ -670,14 +740,20 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
 
     @torch.inference_mode()
     def calibrate(self, indices: Sequence[int] | None = None, batch_size: int | None = None) -> float:
-        """Fit the calibration temperature on held-out reference cells (temperature scaling).
+        """Fit the calibration temperatures on held-out reference cells (temperature scaling).
 
-        The temperature minimising the negative log-likelihood of the true labels is searched on a
-        fine logarithmic grid from 0.5 to 20, a deterministic one-dimensional fit. The lower bound keeps
-        a perfectly separated validation set (whose likelihood always rises with sharper predictions)
-        from making spatial predictions, which are harder, overconfident. Reference cells are
-        thinned to the spatial depth first when sparsity matching is on, so that confidence is
-        fitted in the regime of the spatial data. Called at the end of :meth:`train`.
+        Two temperatures are fitted, each minimising the negative log-likelihood of the true labels on
+        a fine logarithmic grid (a deterministic one-dimensional fit):
+
+        - the **spatial** temperature, used for spatial cells and for cells of a new AnnData, is fitted
+          on the cells thinned to the spatial depth when sparsity matching is on, so that confidence is
+          fitted in the regime of the spatial data; its grid runs from 0.5 to 20. The lower bound keeps
+          a perfectly separated validation set (whose likelihood always rises with sharper
+          predictions) from making spatial predictions, which are harder, overconfident;
+        - the **reference** temperature, used for reference cells, is fitted on the cells as they
+          are, on a grid from 0.05 to 20.
+
+        Called at the end of :meth:`train`.
 
         Parameters
         ----------
@@ -688,7 +764,8 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
 
         Returns
         -------
-        The fitted temperature (also stored in the module and saved with the model).
+        The spatial temperature. Both are stored in the module (``calibration_temperature`` and
+        ``reference_calibration_temperature``) and saved with the model.
         """
         self._check_if_trained(warn=False)
         if indices is None:
@@ -700,37 +777,76 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         if (domain != 0).any():
             raise ValueError("Calibration needs labelled reference cells; some `indices` are spatial cells.")
         labels = torch.as_tensor(np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel())
-        dl = self._make_data_loader(adata=self.adata, indices=indices, batch_size=batch_size or 2048, shuffle=False)
+        # minibatches read straight from the registered matrix (in memory or backed), in the order of `indices`
+        source, step = MinibatchSource(self.adata_manager), batch_size or 2048
+        dl = (source.fetch(indices[start : start + step]) for start in range(0, len(indices), step))
         self.module.eval()
-        zs = []
+        zs, zs_ref = [], []
         # thinning draws from a fixed seed, so the fit is reproducible and leaves the global RNG untouched
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed if settings.seed is not None else 0)
             for tensors in dl:
-                out = self.module.inference(**self.module._get_inference_input(tensors), thin=True)
-                zs.append(out["z"].cpu())
-        z = torch.cat(zs).double()
+                inputs = self.module._get_inference_input(tensors)
+                zs.append(self.module.inference(**inputs, thin=True)["z"].cpu())
+                zs_ref.append(self.module.inference(**inputs)["z"].cpu())
         y = labels[indices].long()
-        grid = torch.logspace(np.log10(0.5), np.log10(20.0), 400, dtype=torch.float64)
-        nll = torch.stack([torch.nn.functional.cross_entropy(z / t, y) for t in grid])
-        best = float(grid[int(nll.argmin())])
+
+        def fit(z: torch.Tensor, low: float) -> float:
+            grid = torch.logspace(np.log10(low), np.log10(20.0), 400, dtype=torch.float64)
+            z = z.double()
+            nll = torch.stack([torch.nn.functional.cross_entropy(z / t, y) for t in grid])
+            return float(grid[int(nll.argmin())])
+
+        best = fit(torch.cat(zs), 0.5)
+        # reference cells are predicted at their own depth and in their own domain: their temperature
+        # is fitted on the unthinned cells, without the lower bound that protects spatial predictions
         self.module.calibration_temperature.fill_(best)
+        self.module.reference_calibration_temperature.fill_(fit(torch.cat(zs_ref), 0.05))
         return best
 
     # ------------------------------------------------------------------ outputs
+    def _dense_logits(self, block: sp.csr_matrix, groups: np.ndarray, batch_size: int) -> torch.Tensor:
+        """Metagene activities of a CSR block through :meth:`RMGEModule.inference`, ``batch_size`` rows at a time."""
+        dev = self.module.encoder.weight.device
+        zs = []
+        for start in range(0, block.shape[0], batch_size):
+            x = torch.from_numpy(block[start : start + batch_size].toarray().astype(np.float32, copy=False))
+            g = torch.from_numpy(groups[start : start + batch_size]).view(-1, 1)
+            zs.append(self.module.inference(x.to(dev), g.to(dev))["z"].float().cpu())
+        return torch.cat(zs) if zs else torch.zeros((0, len(self.classes_)))
+
     @torch.inference_mode()
     def _forward_all(self, adata=None, indices=None, batch_size: int | None = None):
+        """Metagene activities and query flags of the cells, computed block by block without densifying the data.
+
+        On CPU the activities come from the non-zero counts alone (:func:`rmge.model._kernels.sparse_logits`),
+        checked against :meth:`RMGEModule.inference` on the first cells; elsewhere (or should the check fail)
+        each block is densified ``batch_size`` rows at a time and passed through the module.
+        """
         adata = self._validate_anndata(adata)
-        dl = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size or 2048, shuffle=False)
-        zs, qs = [], []
+        manager = self.get_anndata_manager(adata, required=True)
+        X = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        groups = np.asarray(manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).reshape(-1).astype(np.int64)
+        domain = np.asarray(manager.get_from_registry(REGISTRY_KEYS.DOMAIN_KEY)).reshape(-1)
+        rows = np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+        batch_size = batch_size or 2048
         self.module.eval()
-        for tensors in dl:
-            out = self.module.inference(**self.module._get_inference_input(tensors))
-            zs.append(out["z"].cpu())
-            qs.append(tensors[REGISTRY_KEYS.DOMAIN_KEY].view(-1).cpu() == 1)
+        use_sparse = self.module.encoder.weight.device.type == "cpu"
+        zs = []
+        for r, block in _row_blocks(X, rows, dtype=None):
+            g = groups[r]
+            z = sparse_logits(self.module, block, g) if use_sparse else None
+            if z is not None and not zs:
+                # guard: the sparse path must reproduce the module's own forward pass
+                n_check = min(block.shape[0], 64)
+                ref = self._dense_logits(block[:n_check], g[:n_check], batch_size).numpy()
+                if not np.allclose(z[:n_check], ref, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(ref).max()))):
+                    logger.warning("Sparse inference disagrees with the module; using dense minibatches instead.")
+                    use_sparse, z = False, None
+            zs.append(torch.from_numpy(z) if z is not None else self._dense_logits(block, g, batch_size))
         if not zs:
             return adata, torch.zeros((0, len(self.classes_))), torch.zeros(0, dtype=torch.bool)
-        return adata, torch.cat(zs), torch.cat(qs)
+        return adata, torch.cat(zs), torch.from_numpy(domain[rows] == 1)
 
     def _obs_names(self, adata, indices):
         names = adata.obs_names
@@ -744,6 +860,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         soft: bool = False,
         batch_size: int | None = None,
         unknown_threshold: float | None = None,
+        novelty_threshold: float | None = None,
     ) -> np.ndarray | pd.DataFrame:
         """Predict the cell type of each cell.
 
@@ -761,19 +878,32 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         unknown_threshold
             With labels (``soft=False``), cells whose largest calibrated probability is below this value
             are labelled ``"Unknown"``; ``None`` labels every cell.
+        novelty_threshold
+            With labels, cells whose :meth:`novelty_score` is below ``-novelty_threshold`` (they fit
+            their assigned type that many robust standard deviations worse than its typical member,
+            e.g. a type the reference lacks) are labelled ``"Unknown"``; 2 is a good start. The score
+            is computed among the predicted cells of each domain, so predict a whole section at once.
 
         Returns
         -------
         Labels (``np.ndarray`` of str), or with ``soft=True`` a DataFrame cells × reference types whose rows sum to 1.
         Probabilities are the softmax of the metagene activities divided by the calibration temperature
-        fitted after training (:meth:`calibrate`).
+        fitted after training (:meth:`calibrate`): the spatial one for spatial cells, the reference one
+        for reference cells.
         """
         self._check_if_trained(warn=False)
+        if unknown_threshold is not None and not 0 <= unknown_threshold <= 1:
+            raise ValueError(f"`unknown_threshold` must be a probability in [0, 1], got {unknown_threshold}.")
+        if novelty_threshold is not None and not (np.isfinite(novelty_threshold) and novelty_threshold > 0):
+            raise ValueError(
+                f"`novelty_threshold` must be a positive number of robust standard deviations (e.g. 2), "
+                f"got {novelty_threshold}."
+            )
         adata, z, is_query = self._forward_all(adata, indices, batch_size)
         # the learned spatial temperature serves the discriminator during training; predicted
         # probabilities use the calibration temperature alone (measured to be better calibrated)
         dev = self.module.temperature.device
-        probs = self.module.probabilities(z.to(dev), None, calibrated=True).cpu().numpy()
+        probs = self.module.probabilities(z.to(dev), is_query.to(dev), calibrated=True).cpu().numpy()
         classes = np.asarray(self.classes_, dtype=object)
         if soft:
             return pd.DataFrame(probs, index=self._obs_names(adata, indices), columns=classes)
@@ -781,11 +911,73 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             return np.asarray([], dtype=object)
         labels = classes[probs.argmax(1)]
         if unknown_threshold is not None:
-            if not 0 <= unknown_threshold <= 1:
-                raise ValueError(f"`unknown_threshold` must be a probability in [0, 1], got {unknown_threshold}.")
             labels = labels.copy()
             labels[probs.max(1) < unknown_threshold] = UNKNOWN_LABEL
+        if novelty_threshold is not None:
+            scores = self._novelty(adata, indices, probs.argmax(1), is_query.numpy(), batch_size=batch_size)
+            labels = labels.copy()
+            labels[scores < -novelty_threshold] = UNKNOWN_LABEL
         return labels
+
+    def _novelty(self, adata, indices, codes, is_query, batch_size=None, **kwargs) -> np.ndarray:
+        """Novelty scores of the cells ``indices`` of a validated ``adata``, each domain on its own."""
+        from ._novelty import novelty_scores
+
+        rows = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        scores = np.zeros(len(rows))
+        for domain in (True, False):
+            sel = np.flatnonzero(is_query == domain)
+            if len(sel):
+                scores[sel] = novelty_scores(
+                    self, adata, rows[sel], codes[sel], batch_size=batch_size or 2048, **kwargs
+                )
+        return scores
+
+    @torch.inference_mode()
+    def novelty_score(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_neighbors: int = 15,
+        n_pcs: int = 30,
+        batch_size: int | None = None,
+    ) -> pd.Series:
+        """How well each cell fits its predicted type, relative to the other cells predicted as that type.
+
+        A cell's similarity to its type is the correlation (cosine of centred, standardised profiles) with
+        the type's reference centroid, averaged over the cell and its ``n_neighbors - 1`` nearest
+        neighbours in expression space (principal components of the standardised profiles; sparse
+        single-cell similarities are noisy, and cells of a type the reference lacks neighbour each
+        other). The score is its robust z-score among the cells predicted as the same type in the same
+        domain: ``(s - median) / (1.4826 · MAD)``, the rule SingleR uses to prune labels. Negative
+        values fit the type worse than its typical member; types predicted for fewer than 20 cells
+        score 0. Used by ``predict(novelty_threshold=...)``.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes; ``None`` uses the set-up AnnData.
+        indices
+            Indices of the cells, scored together; ``None`` takes all.
+        n_neighbors
+            Neighbours (including the cell itself) the similarity is averaged over; 1 turns averaging off.
+        n_pcs
+            Principal components the neighbours are searched in.
+        batch_size
+            Minibatch size of inference.
+
+        Returns
+        -------
+        Scores indexed by cell name.
+        """
+        self._check_if_trained(warn=False)
+        if int(n_neighbors) < 1:
+            raise ValueError(f"`n_neighbors` must be at least 1, got {n_neighbors}.")
+        adata, z, is_query = self._forward_all(adata, indices, batch_size)
+        scores = self._novelty(
+            adata, indices, z.argmax(1).numpy(), is_query.numpy(), batch_size, n_neighbors=int(n_neighbors), n_pcs=n_pcs
+        )
+        return pd.Series(scores, index=self._obs_names(adata, indices), name="rmge_novelty")
 
     @torch.inference_mode()
     def get_latent_representation(

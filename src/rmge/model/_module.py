@@ -11,6 +11,8 @@ from torch import nn
 
 from rmge._constants import REGISTRY_KEYS
 
+from ._kernels import thin_counts
+
 #: Size of the quantile tables used to match reference depth to spatial depth by rank.
 N_QUANTILES = 1001
 #: Scale of ``normalize_total`` applied to every cell before ``log1p``.
@@ -67,8 +69,9 @@ class RMGEModule(BaseModuleClass):
         Thin reference counts to the spatial depth and capture during training.
     rank_jitter
         Half-width of the uniform jitter added to a reference cell's depth rank at each draw.
-    classification_weight, reconstruction_weight, l2_weight, kl_weight, adversarial_weight,
-    entropy_weight, pseudo_label_weight
+    classification_weight, reconstruction_weight, l2_weight, kl_weight
+        Weights of the loss terms.
+    adversarial_weight, entropy_weight, pseudo_label_weight
         Weights of the loss terms.
     entropy_on
         ``"spatial"`` (sharpen spatial predictions) or ``"reference"`` (as the original method).
@@ -91,6 +94,9 @@ class RMGEModule(BaseModuleClass):
     init_metagenes
         Initial metagenes (``n_labels × n_input``), e.g. the standardised reference class centroids;
         ``None`` keeps PyTorch's random initialisation.
+    centroids
+        Standardised reference class centroids (``n_labels × n_input``), kept for the novelty score
+        (:meth:`rmge.RMGEModel.novelty_score`); ``None`` uses the initial metagenes.
     label_smoothing
         Label smoothing of the reference cross-entropy.
     """
@@ -126,6 +132,7 @@ class RMGEModule(BaseModuleClass):
         label_smoothing: float = 0.0,
         classifier: str = "cosine",
         init_metagenes: torch.Tensor | None = None,
+        centroids: torch.Tensor | None = None,
         init_scale: float = 10.0,
         pseudo_label_agreement: bool = True,
         n_hidden_discriminator: int = 32,
@@ -173,10 +180,15 @@ class RMGEModule(BaseModuleClass):
             with torch.no_grad():
                 w = torch.as_tensor(init_metagenes, dtype=torch.float32)
                 self.encoder.weight.copy_(w / w.norm(dim=1, keepdim=True).clamp(min=1e-8))
-        # post-hoc temperature fitted on held-out reference cells (1 until calibrated)
+        # post-hoc temperatures fitted on held-out reference cells (1 until calibrated): one for
+        # spatial cells (fitted on reference cells thinned to the spatial depth), one for reference cells
         self.register_buffer("calibration_temperature", torch.ones(1))
+        self.register_buffer("reference_calibration_temperature", torch.ones(1))
         # frozen copy of the initial metagenes (used by pseudo_label_agreement)
         self.register_buffer("init_weight", self.encoder.weight.detach().clone())
+        # standardised reference class centroids, unit norm (used by the novelty score)
+        c = self.init_weight if centroids is None else torch.as_tensor(centroids, dtype=torch.float32)
+        self.register_buffer("centroids", c / c.norm(dim=1, keepdim=True).clamp(min=1e-8))
         # log of the scale of cosine activities
         self.log_scale = nn.Parameter(torch.tensor([math.log(init_scale)]), requires_grad=classifier == "cosine")
         self.decoder = nn.Linear(n_labels, n_input)
@@ -192,32 +204,46 @@ class RMGEModule(BaseModuleClass):
         cell's own library size among reference cells, with a small random jitter of the rank;
         each gene's retention is scaled by its capture factor. Retention probabilities are capped
         at 1 (the reference is never made deeper). Drawn afresh at every call.
+
+        On CPU the binomial draws run in a compiled kernel that skips zero counts (exact, by inversion of
+        the cumulative distribution, seeded from torch's generator); elsewhere :func:`torch.binomial` draws them.
         """
-        lib = x.sum(-1, keepdim=True)
+        lib = x.sum(-1)
         rq = self.ref_lib_quantiles
         sq = self.spatial_lib_quantiles
         nq = rq.shape[0]
-        rank = torch.searchsorted(rq.contiguous(), lib.squeeze(-1).contiguous(), right=True).float() / nq
+        rank = torch.searchsorted(rq.contiguous(), lib.contiguous(), right=True).float() / nq
         rank = rank + (torch.rand_like(rank) * 2 - 1) * self.rank_jitter
         pos = rank.clamp(0, 1) * (nq - 1)
         lo = pos.floor().long().clamp(0, nq - 1)
         hi = (lo + 1).clamp(max=nq - 1)
         frac = pos - lo.float()
         target = sq[lo] * (1 - frac) + sq[hi] * frac
-        weighted_lib = (x * self.gene_factor).sum(-1)
+        weighted_lib = x @ self.gene_factor
         scale = target / weighted_lib.clamp(min=1e-8)
-        p = (scale.unsqueeze(-1) * self.gene_factor).clamp(0.0, 1.0)
-        return torch.binomial(x, p)
+        return thin_counts(x, scale, self.gene_factor)
 
     def normalize(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
         """``log1p(normalize_total(x, 1e4))``, then standardisation within the cell's group."""
         lib = x.sum(-1, keepdim=True)
-        # cells thinned to zero give zeros, never NaN
-        x = torch.log1p(x * (TARGET_SUM / lib.clamp(min=1.0)))
+        # cells thinned to zero give zeros, never NaN; x * scale is a new tensor, so in-place ops below are safe
+        out = torch.log1p_(x * (TARGET_SUM / lib.clamp(min=1.0)))
         if self.standardize:
             g = group.view(-1).long()
-            x = ((x - self.group_mean[g]) / self.group_std[g]).clamp(-MAX_Z, MAX_Z)
-        return x
+            inv_std = 1.0 / self.group_std
+            if out.device.type == "cpu" and not out.requires_grad:
+                # rows of one group usually come in a few runs (reference, then spatial): broadcasting each
+                # group's statistics over its run avoids materialising two cells x genes gathers
+                values, counts = torch.unique_consecutive(g, return_counts=True)
+                if len(values) <= 8:
+                    start = 0
+                    for gi, c in zip(values.tolist(), counts.tolist(), strict=True):
+                        out[start : start + c].sub_(self.group_mean[gi]).mul_(inv_std[gi])
+                        start += c
+                    return out.clamp_(-MAX_Z, MAX_Z)
+            out = (out - self.group_mean[g]).mul_(inv_std[g])
+            out = out.clamp_(-MAX_Z, MAX_Z)
+        return out
 
     # ------------------------------------------------------------------ scvi-tools contract
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -288,15 +314,31 @@ class RMGEModule(BaseModuleClass):
     ) -> torch.Tensor:
         """Class probabilities; spatial (query) logits are divided by the learned temperature.
 
-        With ``calibrated=True`` all logits are further divided by the calibration temperature fitted
-        after training (:meth:`rmge.RMGEModel.calibrate`).
+        With ``calibrated=True`` the learned temperature is not applied; logits are instead divided by
+        the calibration temperature fitted after training (:meth:`rmge.RMGEModel.calibrate`): the
+        reference one for reference cells, the spatial one for spatial cells (and for every cell
+        when ``is_query`` is ``None``).
         """
+        if calibrated:
+            if is_query is None:
+                return F.softmax(z / self.calibration_temperature, dim=-1)
+            t = torch.where(is_query.view(-1, 1), self.calibration_temperature, self.reference_calibration_temperature)
+            return F.softmax(z / t, dim=-1)
         if is_query is not None:
             scale = torch.where(is_query.view(-1, 1), 1.0 / self.temperature, torch.ones_like(self.temperature))
             z = z * scale
-        if calibrated:
-            z = z / self.calibration_temperature
         return F.softmax(z, dim=-1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # models saved before these buffers existed: one temperature for both domains; centroids
+        # from the initial metagenes
+        key = prefix + "reference_calibration_temperature"
+        if key not in state_dict and prefix + "calibration_temperature" in state_dict:
+            state_dict[key] = state_dict[prefix + "calibration_temperature"].clone()
+        if prefix + "centroids" not in state_dict and prefix + "init_weight" in state_dict:
+            w = state_dict[prefix + "init_weight"]
+            state_dict[prefix + "centroids"] = w / w.norm(dim=1, keepdim=True).clamp(min=1e-8)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def loss(
         self,

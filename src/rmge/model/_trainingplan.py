@@ -2,22 +2,197 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import numpy as np
+import scipy.sparse as sp
 import torch
 from lightning import LightningDataModule
 from scvi import settings
-from scvi.dataloaders import ConcatDataLoader
 from scvi.train import TrainingPlan
 
 from rmge._constants import REGISTRY_KEYS
 
+#: Minibatch entries that hold one integer code per cell.
+_CODE_KEYS = (REGISTRY_KEYS.LABELS_KEY, REGISTRY_KEYS.DOMAIN_KEY, REGISTRY_KEYS.BATCH_KEY)
 
-def _concat_batches(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Join the reference and spatial minibatches of a :class:`~scvi.dataloaders.ConcatDataLoader`."""
+
+def _concat_batches(batch) -> dict[str, torch.Tensor]:
+    """Join a list of minibatches (one per domain) into one; a single minibatch passes through."""
     if isinstance(batch, dict):
         return batch
     keys = batch[0].keys()
     return {k: torch.cat([b[k] for b in batch], dim=0) for k in keys}
+
+
+def _to_csr_rows(X, rows: np.ndarray):
+    """Rows of ``X`` (in-memory or backed, sparse or dense) as a CSR matrix or a dense array."""
+    if sp.issparse(X) and X.format == "csr":
+        return X[rows]
+    if sp.issparse(X):
+        return sp.csr_matrix(X[rows])
+    if isinstance(X, np.ndarray):
+        return X[rows]
+    # on-disk datasets (anndata's sparse datasets, h5py) read increasing, unique indices: read those, then
+    # put the rows back in the asked order
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    sub = X[uniq]
+    return sub[inverse] if sp.issparse(sub) else np.asarray(sub)[inverse]
+
+
+class MinibatchSource:
+    """Fetch minibatches of the registered data as tensors, without scvi-tools' per-key collation.
+
+    Holds the registered count matrix (in memory or backed on disk, sparse or dense) and the
+    per-cell codes (labels, domain, standardisation group). :meth:`fetch` reads the rows of a
+    minibatch in one indexing call and turns them into a dense ``float32`` tensor.
+
+    Parameters
+    ----------
+    adata_manager
+        Manager of the registered AnnData.
+    """
+
+    def __init__(self, adata_manager):
+        self.X = adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        self.codes = {
+            key: torch.as_tensor(np.asarray(adata_manager.get_from_registry(key)).reshape(-1).astype(np.int64))
+            for key in _CODE_KEYS
+        }
+        self.n_obs = self.X.shape[0]
+
+    def dense(self, rows: np.ndarray) -> torch.Tensor:
+        """Dense ``float32`` counts of ``rows`` (cells × genes)."""
+        sub = _to_csr_rows(self.X, np.asarray(rows))
+        arr = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+    def fetch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Minibatch of ``rows``: counts under ``X`` and codes of shape ``(n, 1)``, as scvi-tools loaders give."""
+        rows = np.asarray(rows, dtype=np.int64)
+        index = torch.from_numpy(rows)
+        out = {REGISTRY_KEYS.X_KEY: self.dense(rows)}
+        for key, codes in self.codes.items():
+            out[key] = codes[index].unsqueeze(-1)
+        return out
+
+
+class _IndexStream:
+    """Endless stream of minibatches of one index set: consecutive chunks of successive permutations.
+
+    Every cell appears once per pass (the last chunk of a pass may be smaller). With ``num_replicas > 1``
+    each replica takes every ``num_replicas``-th cell of a pass (the pass padded by repetition to a
+    multiple of the replica count, as :class:`torch.utils.data.DistributedSampler`), so replicas see
+    disjoint cells and take equally many steps.
+    """
+
+    def __init__(self, indices, batch_size, shuffle, rng, num_replicas=1, rank=0, group=None):
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.rng = rng
+        self.num_replicas = num_replicas
+        self.rank = rank
+        # order of rows inside a minibatch: by standardisation group, then row (contiguous groups and reads)
+        self.group = group
+        self._pass = np.zeros(0, dtype=np.int64)
+        self._pos = 0
+
+    @property
+    def pass_length(self) -> int:
+        """Cells of this replica per pass."""
+        return int(np.ceil(len(self.indices) / self.num_replicas))
+
+    @property
+    def steps_per_pass(self) -> int:
+        """Minibatches per pass."""
+        return int(np.ceil(self.pass_length / self.batch_size))
+
+    def _new_pass(self) -> None:
+        idx = self.rng.permutation(self.indices) if self.shuffle else self.indices
+        if self.num_replicas > 1:
+            total = self.pass_length * self.num_replicas
+            if total > len(idx):
+                idx = np.concatenate([idx, idx[: total - len(idx)]])
+            idx = idx[self.rank : total : self.num_replicas]
+        self._pass = idx
+        self._pos = 0
+
+    def reset(self) -> None:
+        """Start a new pass at the next minibatch."""
+        self._pass = np.zeros(0, dtype=np.int64)
+        self._pos = 0
+
+    def next(self) -> np.ndarray:
+        """Indices of the next minibatch."""
+        if self._pos >= len(self._pass):
+            self._new_pass()
+        rows = self._pass[self._pos : self._pos + self.batch_size]
+        self._pos += len(rows)
+        if self.group is not None:
+            return rows[np.lexsort((rows, self.group[rows]))]
+        return np.sort(rows)
+
+
+class PairedMinibatches:
+    """Iterable of minibatches holding ``batch_size`` cells of each index set (reference, spatial).
+
+    An epoch is a pass over the largest index set (the others are cycled through their own passes),
+    or ``steps_per_epoch`` minibatches when given: a pass longer than that is then spread over
+    consecutive epochs, which continue it where the previous epoch stopped.
+
+    Parameters
+    ----------
+    source
+        :class:`MinibatchSource` of the registered data.
+    indices_list
+        Index sets; every minibatch holds cells of each, in this order.
+    batch_size
+        Cells of each index set per minibatch.
+    shuffle
+        Draw a new random order for every pass (training) or keep the given order (validation).
+    steps_per_epoch
+        Minibatches per epoch; ``None``: one pass over the largest index set.
+    seed
+        Seed of the random orders.
+    num_replicas, rank
+        Data-parallel training: number of processes and this process's rank.
+    """
+
+    def __init__(
+        self,
+        source: MinibatchSource,
+        indices_list: Sequence[np.ndarray],
+        batch_size: int,
+        shuffle: bool,
+        steps_per_epoch: int | None = None,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        self.source = source
+        rng = np.random.default_rng(seed)
+        group = source.codes[REGISTRY_KEYS.BATCH_KEY].numpy()
+        self.streams = [
+            _IndexStream(idx, batch_size, shuffle, rng, num_replicas, rank, group) for idx in indices_list if len(idx)
+        ]
+        full = max((s.steps_per_pass for s in self.streams), default=0)
+        self.steps_per_pass = full
+        self.steps_per_epoch = full if steps_per_epoch is None else max(1, min(int(steps_per_epoch), full))
+        self.shuffle = shuffle
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for s in self.streams:
+            # without shuffling (validation) every epoch sees the same minibatches; with it, an epoch that is
+            # exactly one pass over the largest set starts that pass afresh
+            if not self.shuffle or (self.steps_per_epoch == self.steps_per_pass == s.steps_per_pass):
+                s.reset()
+        for _ in range(self.steps_per_epoch):
+            rows = np.concatenate([s.next() for s in self.streams])
+            yield self.source.fetch(rows)
 
 
 class RMGEDataSplitter(LightningDataModule):
@@ -25,7 +200,8 @@ class RMGEDataSplitter(LightningDataModule):
 
     Every training step yields ``batch_size`` reference cells and ``batch_size`` spatial cells
     (the smaller domain is cycled). Validation uses held-out reference cells (stratified by label)
-    together with a random sample of spatial cells of the same size.
+    together with a random sample of spatial cells of the same size. Minibatches are read straight
+    from the registered matrix (in memory or backed on disk) by :class:`MinibatchSource`.
 
     Parameters
     ----------
@@ -42,7 +218,12 @@ class RMGEDataSplitter(LightningDataModule):
     shuffle_set_split
         Shuffle the reference cells before splitting.
     distributed_sampler
-        Use distributed samplers (DDP).
+        Data-parallel training (DDP): each process takes its own share of every pass.
+    steps_per_epoch
+        Training steps per epoch; ``None``: one pass over the larger domain.
+    max_validation_batches
+        Validate on at most this many minibatches (the same random subset of the held-out cells at every
+        validation); ``None``: all held-out cells. Calibration uses all of them either way.
     """
 
     def __init__(
@@ -55,13 +236,15 @@ class RMGEDataSplitter(LightningDataModule):
         batch_size: int = 256,
         shuffle_set_split: bool = True,
         distributed_sampler: bool = False,
-        **kwargs,
+        steps_per_epoch: int | None = None,
+        max_validation_batches: int | None = None,
     ):
         super().__init__()
         self.adata_manager = adata_manager
         self.batch_size = batch_size
         self.distributed_sampler = distributed_sampler
-        self.data_loader_kwargs = kwargs
+        self.steps_per_epoch = steps_per_epoch
+        self.max_validation_batches = max_validation_batches
         rng = np.random.default_rng(settings.seed)
         ref = np.asarray(reference_indices)
         val: list[int] = []
@@ -86,31 +269,70 @@ class RMGEDataSplitter(LightningDataModule):
         self.query_val_idx = np.sort(rng.choice(self.query_idx, size=n_q_val, replace=False))
         self.n_train = len(train_idx)
         self.n_val = len(val_idx)
+        # seed of the minibatch orders, drawn from torch's global generator (set by scvi.settings.seed), so that
+        # every process of a data-parallel run, which starts from the same seed, draws the same orders
+        self._seed = int(torch.randint(0, 2**62, (1,)).item())
+        self._source: MinibatchSource | None = None
 
-    def _loader(self, indices_list, shuffle: bool):
-        return ConcatDataLoader(
-            self.adata_manager,
-            indices_list=indices_list,
-            shuffle=shuffle,
-            batch_size=self.batch_size,
-            drop_last=False,
-            distributed_sampler=self.distributed_sampler,
-            **self.data_loader_kwargs,
-        )
+    @property
+    def source(self) -> MinibatchSource:
+        """Minibatch source of the registered data (created on first use)."""
+        if self._source is None:
+            self._source = MinibatchSource(self.adata_manager)
+        return self._source
+
+    def _replicas(self) -> tuple[int, int]:
+        if not self.distributed_sampler:
+            return 1, 0
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.world_size), int(trainer.global_rank)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
 
     def train_dataloader(self):
         """Loader of (reference, spatial) minibatch pairs."""
-        return self._loader([self.train_idx, self.query_idx], shuffle=True)
+        replicas, rank = self._replicas()
+        return PairedMinibatches(
+            self.source,
+            [self.train_idx, self.query_idx],
+            self.batch_size,
+            shuffle=True,
+            steps_per_epoch=self.steps_per_epoch,
+            seed=self._seed,
+            num_replicas=replicas,
+            rank=rank,
+        )
 
     def val_dataloader(self):
         """Loader of held-out reference cells paired with spatial cells."""
         if self.n_val == 0:
             return []
-        return self._loader([self.val_idx, self.query_val_idx], shuffle=False)
+        replicas, rank = self._replicas()
+        val_idx, query_val_idx = self.val_idx, self.query_val_idx
+        if self.max_validation_batches is not None:
+            # a fixed random subset, so that successive validations compare like with like
+            n = self.max_validation_batches * self.batch_size * replicas
+            if len(val_idx) > n or len(query_val_idx) > n:
+                rng = np.random.default_rng(self._seed)
+                val_idx = np.sort(rng.permutation(val_idx)[:n])
+                query_val_idx = np.sort(rng.permutation(query_val_idx)[:n])
+        return PairedMinibatches(
+            self.source,
+            [val_idx, query_val_idx],
+            self.batch_size,
+            shuffle=False,
+            num_replicas=replicas,
+            rank=rank,
+        )
 
 
 class RMGETrainingPlan(TrainingPlan):
     """Training plan with a second optimiser for the domain discriminator (manual optimisation).
+
+    Loss terms are summed on the device at every step and logged once per epoch (their means over
+    the epoch's cells), which keeps per-step overhead and host-device synchronisation low.
 
     Parameters
     ----------
@@ -144,6 +366,8 @@ class RMGETrainingPlan(TrainingPlan):
         self.pseudo_label_warmup = pseudo_label_warmup
         self.adversarial_warmup = adversarial_warmup
         self.automatic_optimization = False
+        self._sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "validation": {}}
+        self._counts: dict[str, dict[str, int]] = {"train": {}, "validation": {}}
 
     # ------------------------------------------------------------------ schedules
     def _progress(self) -> float:
@@ -170,12 +394,36 @@ class RMGETrainingPlan(TrainingPlan):
         )
         return tensors, inference_outputs, loss_output
 
-    def _log_terms(self, loss_output, mode: str, total: torch.Tensor):
-        n = loss_output.n_obs_minibatch
+    def _accumulate(self, mode: str, name: str, value: torch.Tensor, n: int) -> None:
+        """Add ``value`` (a scalar tensor) weighted by ``n`` cells to the epoch's sum of ``name``."""
+        value = value.detach().reshape(()).float() * n
+        sums = self._sums[mode]
+        sums[name] = sums[name] + value if name in sums else value
+        self._counts[mode][name] = self._counts[mode].get(name, 0) + n
+
+    def _accumulate_terms(self, loss_output, mode: str) -> None:
+        n = int(loss_output.n_obs_minibatch)
         for key, value in loss_output.extra_metrics.items():
-            self.log(f"{key}_{mode}", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=self.use_sync_dist)
-        name = "train_loss" if mode == "train" else "validation_loss"
-        self.log(name, total, on_step=False, on_epoch=True, batch_size=n, prog_bar=True, sync_dist=self.use_sync_dist)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                self._accumulate(mode, f"{key}_{mode}", value, n)
+        self._accumulate(mode, "train_loss" if mode == "train" else "validation_loss", loss_output.loss, n)
+
+    def _log_epoch(self, mode: str) -> None:
+        """Log the epoch means of the accumulated terms (summed over processes in data-parallel runs)."""
+        sums, counts = self._sums[mode], self._counts[mode]
+        if not sums:
+            return
+        names = list(sums)
+        totals = torch.stack([sums[k] for k in names])
+        weights = torch.tensor([float(counts[k]) for k in names], device=totals.device)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+            weights = self.trainer.strategy.reduce(weights, reduce_op="sum")
+        means = (totals / weights.clamp(min=1.0)).cpu()
+        for name, value in zip(names, means, strict=True):
+            self.log(name, value, on_step=False, on_epoch=True, prog_bar=name in ("train_loss", "validation_loss"))
+        sums.clear()
+        counts.clear()
 
     def training_step(self, batch, batch_idx):
         """One step of the model, then one of the discriminator."""
@@ -189,39 +437,51 @@ class RMGETrainingPlan(TrainingPlan):
         self.manual_backward(loss)
         opt_model.step()
 
-        is_query = tensors[REGISTRY_KEYS.DOMAIN_KEY].view(-1).long() == 1
-        if self.module.adversarial_weight > 0 and bool(is_query.any()) and bool((~is_query).any()):
+        is_query = tensors[REGISTRY_KEYS.DOMAIN_KEY].view(-1) == 1
+        if self.module.adversarial_weight > 0 and bool(is_query.any()) and not bool(is_query.all()):
             d_loss = self.module.discriminator_loss(inference_outputs["z"], is_query)
             opt_disc.zero_grad()
             self.manual_backward(d_loss)
             opt_disc.step()
-            self.log(
-                "discriminator_loss_train",
-                d_loss.detach(),
-                on_step=False,
-                on_epoch=True,
-                batch_size=loss_output.n_obs_minibatch,
-                sync_dist=self.use_sync_dist,
-            )
-        self._log_terms(loss_output, "train", loss_output.loss.detach())
+            self._accumulate("train", "discriminator_loss_train", d_loss, int(loss_output.n_obs_minibatch))
+        self._accumulate_terms(loss_output, "train")
         return loss_output.loss.detach()
 
     def validation_step(self, batch, batch_idx):
         """Loss terms and accuracy on held-out reference cells (with spatial cells for the priors)."""
         _, _, loss_output = self._step(batch)
-        self._log_terms(loss_output, "validation", loss_output.loss.detach())
+        self._accumulate_terms(loss_output, "validation")
+
+    def on_train_epoch_start(self):
+        """Start the epoch's sums of the training terms afresh."""
+        self._sums["train"].clear()
+        self._counts["train"].clear()
+
+    def on_validation_epoch_start(self):
+        """Start the sums of the validation terms afresh."""
+        self._sums["validation"].clear()
+        self._counts["validation"].clear()
 
     def on_train_epoch_end(self):
-        """No scheduler: nothing to update."""
+        """Log the epoch means of the training terms."""
+        self._log_epoch("train")
 
     def on_validation_epoch_end(self):
-        """No scheduler: nothing to update."""
+        """Log the means of the validation terms (watched by early stopping)."""
+        if self.trainer is not None and self.trainer.sanity_checking:
+            self._sums["validation"].clear()
+            self._counts["validation"].clear()
+            return
+        self._log_epoch("validation")
 
     def configure_optimizers(self):
         """Adam for the encoder/decoder/temperature, Adam for the discriminator."""
         disc_params = list(self.module.discriminator.parameters())
         disc_ids = {id(p) for p in disc_params}
         model_params = [p for p in self.module.parameters() if id(p) not in disc_ids and p.requires_grad]
-        opt_model = torch.optim.Adam(model_params, lr=self.lr, weight_decay=self.weight_decay)
-        opt_disc = torch.optim.Adam(disc_params, lr=self.lr_discriminator)
+        # the fused implementation updates all parameters in one kernel (several times faster for these small
+        # tensors); it is available on CPU and CUDA
+        fused = all(p.device.type in ("cpu", "cuda") for p in [*model_params, *disc_params]) or None
+        opt_model = torch.optim.Adam(model_params, lr=self.lr, weight_decay=self.weight_decay, fused=fused)
+        opt_disc = torch.optim.Adam(disc_params, lr=self.lr_discriminator, fused=fused)
         return [opt_model, opt_disc]

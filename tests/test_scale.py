@@ -1,0 +1,282 @@
+"""Tests of the large-data paths: compiled kernels, the minibatch loader, the default stopping point,
+backed (on-disk) AnnData, sparse inference and data-parallel training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scvi
+import torch
+from scipy import stats
+
+import rmge
+from rmge import RMGEModel
+from rmge.model import _model as model_mod
+from rmge.model._kernels import sparse_logits, thin_counts
+from rmge.model._trainingplan import MinibatchSource, PairedMinibatches
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*does not have many workers.*",
+    "ignore:.*smaller than the logging interval.*",
+)
+
+LABELS = "cell_type"
+TRUTH = f"{LABELS}_spatial"
+TRAIN_KWARGS = {"enable_progress_bar": False, "accelerator": "cpu"}
+
+
+def make_adata(n_reference=600, n_spatial=600, n_genes=100, n_classes=4, seed=0) -> ad.AnnData:
+    ref, spa = rmge.datasets.synthetic(
+        n_reference=n_reference,
+        n_spatial=n_spatial,
+        n_genes=n_genes,
+        n_classes=n_classes,
+        spatial_depth_ratio=0.1,
+        platform_shift=0.5,
+        seed=seed,
+    )
+    spa = spa[np.asarray(spa.X.sum(1)).ravel() > 0].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return rmge.pp.prepare(ref, spa, labels_key=LABELS, n_top_genes=None)
+
+
+@pytest.fixture(scope="module")
+def small_adata() -> ad.AnnData:
+    return make_adata()
+
+
+# ------------------------------------------------------------------ kernels
+
+
+def test_thinning_draws_binomial_counts():
+    ns = np.array([0, 1, 2, 3, 7, 40, 300, 5, 9])
+    ps = np.array([0.3, 0.08, 0.5, 0.9, 0.3, 0.12, 0.999, 1.0, 0.0])
+    reps = 40_000
+    x = torch.tensor(np.tile(ns, (reps, 1)), dtype=torch.float32)
+    torch.manual_seed(0)
+    k = thin_counts(x, torch.ones(reps), torch.tensor(ps, dtype=torch.float32)).numpy()
+    assert k.dtype == np.float32 and k.shape == x.shape
+    for j, (n, p) in enumerate(zip(ns, ps, strict=True)):
+        col = k[:, j]
+        assert col.min() >= 0 and col.max() <= n
+        if p in (0.0, 1.0) or n == 0:
+            np.testing.assert_array_equal(col, n * p)  # nothing drawn: all kept or all dropped
+            continue
+        observed = np.bincount(col.astype(int), minlength=n + 1)
+        expected = stats.binom.pmf(np.arange(n + 1), n, p) * reps
+        keep = expected > 5
+        chi2 = (((observed[keep] - expected[keep]) ** 2) / expected[keep]).sum()
+        assert stats.chi2.sf(chi2, keep.sum() - 1) > 1e-4, (n, p)
+    # torch's seed makes the draws reproducible
+    torch.manual_seed(1)
+    a = thin_counts(x[:50], torch.ones(50), torch.tensor(ps, dtype=torch.float32))
+    torch.manual_seed(1)
+    b = thin_counts(x[:50], torch.ones(50), torch.tensor(ps, dtype=torch.float32))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"classifier": "linear"}, {"standardize": False}, {"classifier": "linear", "standardize": False}],
+)
+def test_sparse_inference_equals_the_module(small_adata, settings):
+    adata = small_adata.copy()
+    scvi.settings.seed = 0
+    RMGEModel.setup_anndata(adata, labels_key=LABELS, batch_key=None)
+    model = RMGEModel(adata, init_metagenes="random", **settings)
+    model.module.eval()
+    X = adata.X
+    groups = np.array(model.adata_manager.get_from_registry("batch")).ravel()
+    z = sparse_logits(model.module, X, groups)
+    with torch.inference_mode():
+        dense = model.module.inference(torch.as_tensor(X.toarray()), torch.as_tensor(groups).view(-1, 1))["z"]
+    np.testing.assert_allclose(z, dense.numpy(), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ loader and stopping point
+
+
+def test_loader_visits_every_cell_once_per_pass(small_adata):
+    adata = small_adata.copy()
+    RMGEModel.setup_anndata(adata, labels_key=LABELS)
+    manager = RMGEModel._get_most_recent_anndata_manager(adata)
+    source = MinibatchSource(manager)
+    ref = np.flatnonzero((adata.obs["domain"] == "reference").to_numpy())
+    spa = np.flatnonzero((adata.obs["domain"] == "spatial").to_numpy())[:250]
+    loader = PairedMinibatches(source, [ref, spa], batch_size=32, shuffle=True, steps_per_epoch=7, seed=3)
+    per_pass = int(np.ceil(len(ref) / 32))
+    assert len(loader) == 7 and loader.steps_per_pass == per_pass
+    seen_ref, seen_sp = [], []
+    for _ in range(int(np.ceil(per_pass / 7))):  # epochs continue the pass where the last one stopped
+        for batch in loader:
+            dom = batch["domain"].view(-1).numpy()
+            x = batch["X"].numpy()
+            seen_ref.append(x[dom == 0])
+            seen_sp.append(x[dom == 1])
+            assert (dom == 0).sum() <= 32 and (dom == 1).sum() <= 32
+    rows = np.concatenate(seen_ref)[: len(ref)]
+    # the first pass holds each reference cell exactly once (compared by their count profiles)
+    expected = adata.X[ref].toarray()
+    order = np.lexsort(rows.T[::-1])
+    np.testing.assert_array_equal(rows[order], expected[np.lexsort(expected.T[::-1])])
+    # the smaller domain is cycled through its own passes
+    assert len(np.concatenate(seen_sp)) > len(spa)
+    # two replicas split a pass between them
+    halves = [
+        PairedMinibatches(source, [ref], batch_size=32, shuffle=True, seed=3, num_replicas=2, rank=r) for r in (0, 1)
+    ]
+    cells = [np.concatenate([b["X"].numpy() for b in h]) for h in halves]
+    assert len(halves[0]) == len(halves[1]) == int(np.ceil(len(ref) / 2 / 32))
+    assert len(cells[0]) + len(cells[1]) == len(ref)
+
+
+def test_default_stopping_point_caps_long_epochs(small_adata, monkeypatch):
+    # scaled-down constants: a budget of 12 steps, epochs of at most 4 steps
+    monkeypatch.setattr(model_mod, "_DEFAULT_STEPS", 12)
+    monkeypatch.setattr(model_mod, "_MAX_DEFAULT_EPOCH_STEPS", 4)
+    monkeypatch.setattr(model_mod, "_MAX_DEFAULT_VALIDATION_BATCHES", 1)
+    adata = small_adata.copy()
+    scvi.settings.seed = 0
+    RMGEModel.setup_anndata(adata, labels_key=LABELS)
+    n = max((adata.obs["domain"] == d).sum() for d in ("reference", "spatial"))
+
+    # a pass of ceil(n / 256) = 3 steps <= 4: epochs are whole passes, clip(round(12 / 3), 20, 200) of them
+    model = RMGEModel(adata)
+    model.train(calibrate=False, **TRAIN_KWARGS)
+    assert int(np.ceil(n / 256)) == 3
+    assert model.trainer.max_epochs == 20
+    assert model.trainer.num_training_batches == 3
+    n_val = len(model.validation_indices)
+    assert model.trainer.num_val_batches == [int(np.ceil(n_val / 256))]  # every held-out cell
+
+    # a pass of ceil(n / 64) = 10 steps > 4: epochs of 4 steps continue the passes, still 20 epochs
+    model = RMGEModel(adata)
+    model.train(batch_size=64, calibrate=False, **TRAIN_KWARGS)
+    assert model.trainer.max_epochs == 20
+    assert model.trainer.num_training_batches == 4
+    assert model.trainer.num_val_batches == [1]  # a fixed subset of the held-out cells
+    assert len(model.history["train_loss"]) == 20
+    assert len(model.history["validation_loss"]) == 20
+
+    # an explicit max_epochs keeps whole passes
+    model = RMGEModel(adata)
+    model.train(max_epochs=2, batch_size=64, calibrate=False, **TRAIN_KWARGS)
+    assert model.trainer.num_training_batches == 10
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        model.train(steps_per_epoch=0, **TRAIN_KWARGS)
+
+
+def test_epoch_metrics_are_logged_once_per_epoch(small_adata):
+    adata = small_adata.copy()
+    scvi.settings.seed = 0
+    RMGEModel.setup_anndata(adata, labels_key=LABELS)
+    model = RMGEModel(adata)
+    model.train(max_epochs=3, calibrate=False, **TRAIN_KWARGS)
+    history = model.history
+    for key in ("train_loss", "validation_loss", "discriminator_loss_train", "accuracy_validation"):
+        assert len(history[key]) == 3, key
+        assert np.isfinite(history[key].to_numpy(dtype=float)).all()
+    # reference accuracy is a mean over cells: within [0, 1]
+    assert ((history["accuracy_train"] >= 0) & (history["accuracy_train"] <= 1)).all().all()
+
+
+# ------------------------------------------------------------------ backed AnnData
+
+
+def test_backed_anndata_trains_and_predicts_like_in_memory(small_adata, tmp_path):
+    path = tmp_path / "small.h5ad"
+    small_adata.write_h5ad(path)
+    memory = ad.read_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    assert not sp.issparse(backed.X) and backed.isbacked
+
+    models = {}
+    for name, data in (("memory", memory), ("backed", backed)):
+        scvi.settings.seed = 0
+        RMGEModel.setup_anndata(data, labels_key=LABELS)
+        models[name] = RMGEModel(data)
+        models[name].train(max_epochs=4, **TRAIN_KWARGS)
+    # same seed, same data: the same model, whether the counts sit in memory or on disk
+    for key, value in models["memory"].module.state_dict().items():
+        torch.testing.assert_close(models["backed"].module.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    np.testing.assert_array_equal(models["backed"].predict(), models["memory"].predict())
+    np.testing.assert_array_equal(
+        models["backed"].predict(soft=True).to_numpy(), models["memory"].predict(soft=True).to_numpy()
+    )
+    np.testing.assert_array_equal(
+        models["backed"].get_latent_representation(), models["memory"].get_latent_representation()
+    )
+    # one trained model predicts a backed file as it predicts the same cells in memory
+    other = ad.read_h5ad(path, backed="r")
+    idx = np.arange(0, other.n_obs, 7)[::-1]  # unsorted, strided rows
+    np.testing.assert_array_equal(
+        models["memory"].predict(other, indices=idx), models["memory"].predict(memory, indices=idx)
+    )
+    assert backed.isbacked and not sp.issparse(backed.X)  # X was never loaded into memory
+    truth = memory.obs[TRUTH].to_numpy()
+    spatial = (memory.obs["domain"] == "spatial").to_numpy()
+    assert (models["backed"].predict()[spatial] == truth[spatial]).mean() >= 0.9
+
+
+# ------------------------------------------------------------------ data-parallel training
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, warnings
+    import numpy as np, torch, scvi, rmge
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    sys.path.insert(0, {tests!r})
+    from test_scale import make_adata
+    adata = make_adata(n_reference=1500, n_spatial=1500)
+    scvi.settings.seed = 0
+    rmge.RMGEModel.setup_anndata(adata, labels_key="cell_type")
+    model = rmge.RMGEModel(adata)
+    model.train(max_epochs=15, accelerator="cpu", devices=2, strategy="ddp", enable_progress_bar=False)
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    sp_idx = np.flatnonzero((adata.obs["domain"] == "spatial").to_numpy())
+    truth = adata.obs["cell_type_spatial"].to_numpy()[sp_idx]
+    out = {{
+        "accuracy": float((model.predict(indices=sp_idx) == truth).mean()),
+        "batches": int(model.trainer.fit_loop.total_batch_idx) + 1,
+        "n_train": int(len(model.train_indices)),
+        "weights": float(model.module.encoder.weight.double().sum()),
+        "discriminator": float(model.module.discriminator.net[0].weight.double().sum()),
+        "history": sorted(model.history) if model.history else [],
+    }}
+    with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
+        json.dump(out, f)
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["accuracy"] >= 0.9, r
+    # gradients are averaged across processes: both hold the same model, discriminator included
+    assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], abs=1e-6)
+    assert ranks[0]["discriminator"] == pytest.approx(ranks[1]["discriminator"], abs=1e-6)
+    # each process takes half of every pass: half the steps of one process alone
+    per_epoch = int(np.ceil(np.ceil(ranks[0]["n_train"] / 2) / 256))
+    n_spatial_steps = int(np.ceil(np.ceil(1500 / 2) / 256))
+    assert ranks[0]["batches"] == 15 * max(per_epoch, n_spatial_steps)
+    assert "validation_loss" in ranks[0]["history"]
