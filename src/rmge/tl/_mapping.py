@@ -612,14 +612,15 @@ def transfer_features(pairing, reference_values):
 
     Returns
     -------
-    Spatial cells × features, in the pairing's spatial order:
+    transferred
+        Spatial cells × features, in the pairing's spatial order:
 
-    - sparse matrix in → CSR matrix out (rows of unpaired cells are zero);
-    - array in → array out (rows of unpaired cells are NaN);
-    - numeric Series/DataFrame in → Series/DataFrame indexed by spatial cell name;
-    - categorical Series named ``key`` → DataFrame with columns ``key`` (the label with most weight)
-      and ``f"{key}_probability"`` (its share of the weight); a DataFrame gets both columns for each
-      categorical column.
+        - sparse matrix in → CSR matrix out (rows of unpaired cells are zero);
+        - array in → array out (rows of unpaired cells are NaN);
+        - numeric Series/DataFrame in → Series/DataFrame indexed by spatial cell name;
+        - categorical Series named ``key`` → DataFrame with columns ``key`` (the label with most weight)
+          and ``f"{key}_probability"`` (its share of the weight); a DataFrame gets both columns for each
+          categorical column.
     """
     W, pairing_obj = _pairing_weights(pairing)
     index = pairing_obj.spatial_names if pairing_obj is not None else pd.RangeIndex(W.shape[0])
