@@ -454,7 +454,7 @@ def read_gem(
             keep = counts > 0
             if cellbin:
                 cells = chunk[cell_col]
-                in_cell = cells.notna().to_numpy()
+                in_cell = cells.notna().to_numpy(copy=True)  # writable: pandas 3 returns read-only views
                 if cells.dtype.kind in "iuf":
                     in_cell &= cells.fillna(0).to_numpy() != 0
                     labels = cells.to_numpy()

@@ -269,7 +269,7 @@ def spatial_labels(
         all_categories = [str(c) for c in values.cat.categories]
     else:
         all_categories = sorted({str(v) for v in values.dropna().unique()})
-    missing = values.isna().to_numpy()
+    missing = values.isna().to_numpy(copy=True)  # writable: pandas 3 returns read-only views
     labels = values.astype(object).where(~missing, _NA_LABEL).astype(str).to_numpy()
     if _NA_LABEL in all_categories:
         missing |= labels == _NA_LABEL

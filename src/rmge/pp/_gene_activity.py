@@ -63,7 +63,7 @@ def _parse_peak_names(names: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
         raw = names.astype("S")
     except UnicodeEncodeError:
         parsed = pd.Series(names).str.extract(_PEAK_NAME_RE)
-        ok = parsed["chrom"].notna().to_numpy()
+        ok = parsed["chrom"].notna().to_numpy(copy=True)  # writable: pandas 3 returns read-only views
         ok &= (parsed["start"].str.len() <= 18).to_numpy(dtype=bool) & (parsed["end"].str.len() <= 18).to_numpy(bool)
         chrom = parsed["chrom"].fillna("").to_numpy(dtype=object).astype(str)
         start = np.array([int(v) if k else 0 for v, k in zip(parsed["start"], ok, strict=True)], dtype=np.int64)
