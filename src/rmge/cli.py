@@ -28,6 +28,7 @@ from anndata import AnnData
 import rmge
 from rmge._atomic import atomic_write
 from rmge._constants import COUNTS, DOMAIN_KEY, LOG_NORMALIZED, NORMALIZED, SPATIAL_DOMAIN
+from rmge.tl._results import _stored_label_colors
 
 logger = logging.getLogger("rmge")
 
@@ -439,21 +440,6 @@ def _reference_order(reference: AnnData, labels_key: str, classes: Sequence[str]
     return [c for c in ordered if c in present] + [c for c in classes if c not in set(ordered)]
 
 
-def _label_colors(reference: AnnData, labels_key: str, classes: Sequence[str]) -> list[str] | None:
-    """The reference's colours of ``labels_key`` (scanpy's ``uns[f'{key}_colors']``) in the order of ``classes``."""
-    colors = reference.uns.get(f"{labels_key}_colors")
-    labels = reference.obs[labels_key]
-    if colors is None or not isinstance(labels.dtype, pd.CategoricalDtype):
-        return None
-    categories = [str(c) for c in labels.cat.categories]
-    if len(colors) < len(categories):
-        return None
-    lookup = dict(zip(categories, colors, strict=False))
-    if not all(c in lookup for c in classes):
-        return None
-    return [str(lookup[c]) for c in classes]
-
-
 def transfer_labels(
     reference: AnnData,
     spatial: AnnData,
@@ -590,7 +576,7 @@ def transfer_labels(
     spatial.obs[CONFIDENCE_KEY] = confidence
     spatial.obsm[PROBABILITIES_KEY] = pd.DataFrame(prob_full, index=spatial.obs_names.copy(), columns=classes)
     spatial.obsm[LATENT_KEY] = latent_full
-    colors = _label_colors(reference, labels_key, classes)
+    colors = _stored_label_colors(reference, labels_key, classes)
     if colors is not None:
         spatial.uns[f"{LABEL_KEY}_colors"] = colors
     n_epochs = max((len(v) for v in model.history.values()), default=0) if model.history else 0
