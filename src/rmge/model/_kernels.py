@@ -126,6 +126,19 @@ def thin_counts(x: torch.Tensor, scale: torch.Tensor, factor: torch.Tensor) -> t
 
 
 # ----------------------------------------------------------------------------- statistics
+@_njit(inline="always")
+def _log1p_scaled(v, c, logs):  # pragma: no cover - compiled
+    """``log1p(v * c)``, cached in ``logs`` (negative = not yet computed) for small integer counts."""
+    iv = int(v)
+    if iv == v and iv < 256:
+        y = logs[iv]
+        if y < 0.0:
+            y = np.log1p(v * c)
+            logs[iv] = y
+        return y
+    return np.log1p(v * c)
+
+
 @_njit()
 def _library_proportions(data, indices, indptr, is_ref, lib, prop_sum):  # pragma: no cover - compiled
     for i in range(len(indptr) - 1):
@@ -171,14 +184,7 @@ def _log_norm_sums(
             v = buf[j - start]
             if v == 0.0:
                 continue
-            iv = int(v)
-            if iv == v and iv < 256:
-                y = logs[iv]
-                if y < 0.0:
-                    y = np.log1p(v * c)
-                    logs[iv] = y
-            else:
-                y = np.log1p(v * c)
+            y = _log1p_scaled(v, c, logs)
             col = indices[j]
             s1[g, col] += y
             s2[g, col] += y * y
@@ -287,14 +293,7 @@ def _encode_rows(
             v = float(data[j])
             if v == 0.0:
                 continue
-            iv = int(v)
-            if iv == v and iv < 256:
-                y = logs[iv]
-                if y < 0.0:
-                    y = np.log1p(v * c)
-                    logs[iv] = y
-            else:
-                y = np.log1p(v * c)
+            y = _log1p_scaled(v, c, logs)
             col = indices[j]
             if standardize:
                 # params[g, col] = (mean, 1 / std, standardised value of a zero count)
