@@ -243,7 +243,7 @@ def job(path: Path, out_json: Path, threads: int, train_kwargs: dict, tmp: Path)
     rec["spatial_accuracy"] = float((labels[is_sp] == adata.obs["truth"].to_numpy()[is_sp].astype(str)).mean())
 
     def write():
-        adata.obs["rmge_label"] = labels
+        adata.obs["rmge_prediction"] = labels
         adata.obsm["X_rmge"] = latent
         target = tmp / f"scale_{adata.n_obs}.h5ad"
         adata.write_h5ad(target)

@@ -19,6 +19,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 N_CLASSES = 3
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: What rmge.tl.add_results writes (with its default prefix) and the command line writes as well.
+RESULT_KEYS = {
+    "obs": {"rmge_prediction", "rmge_confidence"},
+    "obsm": {"rmge_probabilities", "X_rmge"},
+    "uns": {"rmge_prediction_colors", "rmge"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +51,15 @@ def run(args, capsys):
     return code, out, err
 
 
+def added_keys(after: ad.AnnData, before: ad.AnnData) -> dict[str, set[str]]:
+    """The obs, obsm and uns keys ``after`` holds and ``before`` lacks."""
+    return {
+        "obs": set(after.obs.columns) - set(before.obs.columns),
+        "obsm": set(after.obsm) - set(before.obsm),
+        "uns": set(after.uns) - set(before.uns),
+    }
+
+
 # ------------------------------------------------------------------ transfer
 
 
@@ -65,7 +80,17 @@ def test_transfer_writes_documented_keys(inputs, tmp_path, capsys):
     assert (result.X != spatial_in.X).nnz == 0
     assert result.obs["truth"].equals(spatial_in.obs["truth"])
 
-    labels = result.obs[cli.LABEL_KEY]
+    # the keys of rmge.tl.add_results, no other
+    assert added_keys(result, spatial_in) == RESULT_KEYS
+    assert (cli.PREDICTION_KEY, cli.CONFIDENCE_KEY) == ("rmge_prediction", "rmge_confidence")
+    assert (cli.PROBABILITIES_KEY, cli.LATENT_KEY, cli.COLORS_KEY, cli.SUMMARY_KEY) == (
+        "rmge_probabilities",
+        "X_rmge",
+        "rmge_prediction_colors",
+        "rmge",
+    )
+
+    labels = result.obs[cli.PREDICTION_KEY]
     assert isinstance(labels.dtype, pd.CategoricalDtype)
     assert list(labels.cat.categories) == classes
     assert labels.notna().all()
@@ -79,7 +104,7 @@ def test_transfer_writes_documented_keys(inputs, tmp_path, capsys):
     assert (np.asarray(classes)[p.argmax(axis=1)] == labels.astype(str).to_numpy()).all()
 
     confidence = result.obs[cli.CONFIDENCE_KEY]
-    assert confidence.dtype == np.float64
+    assert confidence.dtype == np.float32  # as rmge.tl.add_results writes it
     np.testing.assert_allclose(confidence.to_numpy(), p.max(axis=1))
     assert (confidence >= 1.0 / N_CLASSES - 1e-6).all() and (confidence <= 1.0 + 1e-6).all()
 
@@ -88,12 +113,18 @@ def test_transfer_writes_documented_keys(inputs, tmp_path, capsys):
     # the most active metagene gives the label
     assert (np.asarray(classes)[np.asarray(latent).argmax(axis=1)] == labels.astype(str).to_numpy()).mean() > 0.9
 
+    # the reference's colours of its types, in the categories' order
+    assert list(result.uns[cli.COLORS_KEY]) == list(ad.read_h5ad(inputs["reference"]).uns["cell_type_colors"])
+
     summary = result.uns[cli.SUMMARY_KEY]
     assert summary["labels_key"] == "cell_type"
     assert list(summary["classes"]) == classes
     assert summary["n_labelled"] == result.n_obs and summary["n_unlabelled"] == 0
     assert summary["n_genes_used"] == 60 and summary["settings"] == "default"
     assert 1 <= summary["n_epochs"] <= 3
+    assert summary["cells"] == "spatial" and "unknown_threshold" not in summary
+    assert summary["reference_file"] == str(inputs["reference"]) and summary["seed"] == 0
+    assert dict(summary["value_kind"]) == {"reference": "counts", "spatial": "counts"}
 
     # easy synthetic data: far above the 1/3 of chance, even after 3 epochs
     accuracy = (labels.astype(str) == result.obs["truth"].astype(str)).mean()
@@ -114,6 +145,24 @@ def test_transfer_writes_documented_keys(inputs, tmp_path, capsys):
     reloaded = model.predict(indices=idx, soft=True)[classes]
     np.testing.assert_allclose(reloaded.to_numpy(), p, atol=1e-5)
 
+    # rmge.tl.add_results on the prepared data writes the same keys, with the same values for the spatial cells
+    del adata.uns["rmge"]  # prepare's summary, which add_results adds to
+    expected = rmge.tl.add_results(model, adata, copy=True)
+    assert added_keys(expected, adata) == RESULT_KEYS
+    rows = result.obs_names.get_indexer(expected.obs["original_obs_name"].iloc[idx])
+    assert (rows >= 0).all()
+    assert list(expected.obs[cli.PREDICTION_KEY].cat.categories) == classes
+    assert (expected.obs[cli.PREDICTION_KEY].iloc[idx].to_numpy() == labels.to_numpy()[rows]).all()
+    assert expected.obs[cli.CONFIDENCE_KEY].dtype == confidence.dtype
+    np.testing.assert_allclose(expected.obs[cli.CONFIDENCE_KEY].to_numpy()[idx], confidence.to_numpy()[rows], atol=1e-5)
+    np.testing.assert_allclose(expected.obsm[cli.PROBABILITIES_KEY].to_numpy()[idx], p[rows], atol=1e-5)
+    np.testing.assert_allclose(expected.obsm[cli.LATENT_KEY][idx], np.asarray(latent)[rows], atol=1e-4)
+    settings = expected.uns[cli.SUMMARY_KEY]
+    assert set(settings) <= set(summary)
+    for key in ("classes", "cells", "labels_key", "domain_key", "reference_domain", "rmge_version"):
+        assert np.array_equal(np.asarray(summary[key]), np.asarray(settings[key])), key
+    assert summary["calibration_temperature"] == pytest.approx(settings["calibration_temperature"])
+
 
 def test_cells_without_counts_get_no_label_and_names_are_made_unique(inputs):
     reference = ad.read_h5ad(inputs["reference"])
@@ -127,10 +176,12 @@ def test_cells_without_counts_get_no_label_and_names_are_made_unique(inputs):
 
     assert list(spatial.obs_names[:2]) == ["cell_a", "cell_a-1"]
     assert result.n_unlabelled == 1 and result.n_labelled == spatial.n_obs - 1
-    assert pd.isna(spatial.obs[cli.LABEL_KEY].iloc[0]) and np.isnan(spatial.obs[cli.CONFIDENCE_KEY].iloc[0])
+    assert pd.isna(spatial.obs[cli.PREDICTION_KEY].iloc[0]) and np.isnan(spatial.obs[cli.CONFIDENCE_KEY].iloc[0])
     probs = spatial.obsm[cli.PROBABILITIES_KEY].to_numpy()
     assert np.isnan(probs[0]).all() and np.isnan(spatial.obsm[cli.LATENT_KEY][0]).all()
-    assert spatial.obs[cli.LABEL_KEY].iloc[1:].notna().all()
+    assert spatial.obs[cli.PREDICTION_KEY].iloc[1:].notna().all()
+    classes = np.asarray(spatial.obsm[cli.PROBABILITIES_KEY].columns)
+    assert (spatial.obs[cli.PREDICTION_KEY].iloc[1:].astype(str).to_numpy() == classes[probs[1:].argmax(1)]).all()
     np.testing.assert_allclose(probs[1:].sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(spatial.obs[cli.CONFIDENCE_KEY].to_numpy()[1:], probs[1:].max(axis=1))
     # the predictions of the other cells are those of the model on the same cells
@@ -138,6 +189,44 @@ def test_cells_without_counts_get_no_label_and_names_are_made_unique(inputs):
     expected = result.model.predict(indices=idx, soft=True)[list(spatial.obsm[cli.PROBABILITIES_KEY].columns)]
     np.testing.assert_allclose(probs[1:], expected.to_numpy(), atol=1e-6)
     assert spatial.uns[cli.SUMMARY_KEY]["n_unlabelled"] == 1
+    # the combined AnnData holds the same results under the same keys
+    assert added_keys(spatial, ad.read_h5ad(inputs["spatial"])) == RESULT_KEYS
+    assert (result.adata.obs[cli.PREDICTION_KEY].iloc[idx].to_numpy() == spatial.obs[cli.PREDICTION_KEY].iloc[1:]).all()
+
+
+def test_thresholds_and_reference_order(inputs):
+    reference = ad.read_h5ad(inputs["reference"])
+    spatial = ad.read_h5ad(inputs["spatial"])
+    # types in another order than sorted, each keeping its colour
+    colors = dict(zip(reference.obs["cell_type"].cat.categories, reference.uns["cell_type_colors"], strict=True))
+    order = ["type_2", "type_0", "type_1"]
+    reference.obs["cell_type"] = reference.obs["cell_type"].cat.reorder_categories(order)
+    reference.uns["cell_type_colors"] = [colors[c] for c in order]
+    result = cli.transfer_labels(
+        reference, spatial, "cell_type", max_epochs=2, unknown_threshold=0.6, novelty_threshold=3, progress_bar=False
+    )
+
+    labels = spatial.obs[cli.PREDICTION_KEY]
+    assert list(labels.cat.categories) == [*order, "Unknown"]
+    assert list(spatial.uns[cli.COLORS_KEY]) == [*(colors[c] for c in order), "#7f7f7f"]
+    probs = spatial.obsm[cli.PROBABILITIES_KEY]
+    assert list(probs.columns) == order
+    p = probs.to_numpy()
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    confidence = spatial.obs[cli.CONFIDENCE_KEY].to_numpy()
+    np.testing.assert_allclose(confidence, p.max(axis=1))
+    unsure = confidence < 0.6
+    assert 0 < unsure.sum() < spatial.n_obs  # two epochs: some cells fall below the threshold, not all
+    assert (labels[unsure] == "Unknown").all()
+    known = (labels != "Unknown").to_numpy()
+    assert (labels[known].astype(str).to_numpy() == np.asarray(order)[p[known].argmax(axis=1)]).all()
+    # the labels of RMGEModel.predict with both thresholds
+    idx = np.flatnonzero((result.adata.obs["domain"] == "spatial").to_numpy())
+    expected = result.model.predict(indices=idx, unknown_threshold=0.6, novelty_threshold=3)
+    assert (labels.astype(str).to_numpy() == expected).all()
+    assert spatial.uns[cli.SUMMARY_KEY]["unknown_threshold"] == pytest.approx(0.6)
+    assert spatial.uns[cli.SUMMARY_KEY]["novelty_threshold"] == pytest.approx(3.0)
+    assert list(spatial.uns[cli.SUMMARY_KEY]["classes"]) == order
 
 
 def write_gem(path, X: sp.csr_matrix, genes, spacing: int):
@@ -154,6 +243,7 @@ def test_transfer_reads_stereo_seq_gem_with_original_settings_and_kinds(inputs, 
     gem = write_gem(tmp_path / "section.gem", sp.csr_matrix(spatial_in.X), list(spatial_in.var_names), spacing=10)
     out_path = tmp_path / "gem_labelled.h5ad"
     extra = ["--bin-size", 10, "--max-epochs", 2, "--original", "--reference-kind", "normalized", "-q"]
+    extra += ["--unknown-threshold", 0.5]
     args = transfer_args(inputs["reference"], gem, out_path, *extra)
     code, out, err = run(args, capsys)
     assert code == 0, err
@@ -163,10 +253,14 @@ def test_transfer_reads_stereo_seq_gem_with_original_settings_and_kinds(inputs, 
     assert result.n_obs == n_cells
     assert result.obs_names[0] == "0_0"
     np.testing.assert_allclose(result.obsm["spatial"][:, 0] % 10, 4.5)
-    assert result.obs[cli.LABEL_KEY].notna().all()
-    assert result.uns[cli.SUMMARY_KEY]["settings"] == "original"
-    assert result.uns[cli.SUMMARY_KEY]["value_kind_reference"] == "normalized"  # as told, not as detected
-    assert result.uns[cli.SUMMARY_KEY]["value_kind_spatial"] == "counts"
+    labels = result.obs[cli.PREDICTION_KEY]
+    assert labels.notna().all()
+    assert list(labels.cat.categories) == [f"type_{k}" for k in range(N_CLASSES)] + ["Unknown"]
+    assert ((labels == "Unknown").to_numpy() == (result.obs[cli.CONFIDENCE_KEY] < 0.5).to_numpy()).all()
+    summary = result.uns[cli.SUMMARY_KEY]
+    assert summary["settings"] == "original" and summary["unknown_threshold"] == pytest.approx(0.5)
+    assert summary["value_kind"]["reference"] == "normalized"  # as told, not as detected
+    assert summary["value_kind"]["spatial"] == "counts"
     assert "Predicted cell types" in out
 
 
@@ -216,6 +310,8 @@ def test_unreadable_file_is_a_data_error(inputs, tmp_path, capsys):
         (["--max-epochs", "0"], "expected a positive integer"),
         (["--bin-size", "square"], "'cellbin'"),
         (["--plot", "map.txt"], "needs an image extension"),
+        (["--unknown-threshold", "1.5"], "expected a probability between 0 and 1"),
+        (["--novelty-threshold", "0"], "expected a positive number"),
     ],
 )
 def test_usage_errors_exit_2(inputs, tmp_path, capsys, extra, message):
@@ -273,11 +369,11 @@ def test_demo_writes_its_outputs(tmp_path, capsys):
     assert (out_dir / "model" / "model.pt").exists()
     result = ad.read_h5ad(out_dir / "spatial_labelled.h5ad")
     assert "true_cell_type" in result.obs and "cell_type" not in result.obs
-    assert result.obs[cli.LABEL_KEY].notna().all()
-    assert set(result.obs[cli.LABEL_KEY].astype(str)) <= set(rmge.datasets.PBMC_CELL_TYPES.values())
+    assert result.obs[cli.PREDICTION_KEY].notna().all()
+    assert set(result.obs[cli.PREDICTION_KEY].astype(str)) <= set(rmge.datasets.PBMC_CELL_TYPES.values())
     np.testing.assert_allclose(result.obsm[cli.PROBABILITIES_KEY].to_numpy().sum(axis=1), 1.0, atol=1e-5)
     # the printed accuracy is the one of the written labels
-    accuracy = (result.obs[cli.LABEL_KEY].astype(str) == result.obs["true_cell_type"].astype(str)).mean()
+    accuracy = (result.obs[cli.PREDICTION_KEY].astype(str) == result.obs["true_cell_type"].astype(str)).mean()
     assert f"Accuracy {accuracy:.3f}" in out
     assert result.uns[cli.SUMMARY_KEY]["metrics"]["accuracy"] == pytest.approx(accuracy)
     assert "Finished in" in out

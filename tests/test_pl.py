@@ -36,7 +36,7 @@ def spatial():
     labels = adata.obs["cell_type"].astype(object).to_numpy().copy()
     labels[rng.random(adata.n_obs) < 0.1] = "Unknown"
     labels[:5] = np.nan
-    adata.obs["rmge_label"] = labels
+    adata.obs["rmge_prediction"] = labels
     adata.obs["rmge_confidence"] = rng.random(adata.n_obs)
     return adata
 
@@ -68,19 +68,19 @@ def test_spatial_labels_renders_png(spatial, tmp_path):
 
 def test_spatial_labels_uses_stored_colours_and_grey_for_unknown(spatial):
     adata = spatial.copy()
-    adata.obs["rmge_label"] = pd.Categorical(adata.obs["rmge_label"])
-    categories = list(adata.obs["rmge_label"].cat.categories)
+    adata.obs["rmge_prediction"] = pd.Categorical(adata.obs["rmge_prediction"])
+    categories = list(adata.obs["rmge_prediction"].cat.categories)
     assert categories == ["Unknown", "type_0", "type_1", "type_2", "type_3"]
     stored = ["#123456", "#ff0000", "#00ff00", "#0000ff", "#000000"]  # in category order
-    adata.uns["rmge_label_colors"] = stored
+    adata.uns["rmge_prediction_colors"] = stored
     fig = rmge.pl.spatial_labels(adata, na_color="#aaaaaa")
     ax = fig.axes[0]
     grey, coloured = ax.collections
     np.testing.assert_allclose(grey.get_facecolors()[0], to_rgba("#aaaaaa"))
-    n_grey = (adata.obs["rmge_label"].isna() | (adata.obs["rmge_label"] == "Unknown")).sum()
+    n_grey = (adata.obs["rmge_prediction"].isna() | (adata.obs["rmge_prediction"] == "Unknown")).sum()
     assert len(grey.get_offsets()) == n_grey
-    labels = adata.obs["rmge_label"].astype(str).to_numpy()
-    shown = labels[~(adata.obs["rmge_label"].isna().to_numpy() | (labels == "Unknown"))]
+    labels = adata.obs["rmge_prediction"].astype(str).to_numpy()
+    shown = labels[~(adata.obs["rmge_prediction"].isna().to_numpy() | (labels == "Unknown"))]
     expected = np.array([to_rgba(stored[categories.index(lab)]) for lab in shown])
     np.testing.assert_allclose(coloured.get_facecolors(), expected)
 
@@ -90,7 +90,7 @@ def test_spatial_labels_groups_and_palette(spatial, tmp_path):
     fig = rmge.pl.spatial_labels(spatial, groups=["type_1"], palette=palette, save=tmp_path / "g.png")
     check_png(tmp_path / "g.png")
     coloured = fig.axes[0].collections[-1]
-    assert len(coloured.get_offsets()) == (spatial.obs["rmge_label"] == "type_1").sum()
+    assert len(coloured.get_offsets()) == (spatial.obs["rmge_prediction"] == "type_1").sum()
     np.testing.assert_allclose(np.unique(coloured.get_facecolors(), axis=0), [to_rgba("blue")])
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["type_1", "other"]
     with pytest.raises(ValueError, match=r"groups \['nope'\] are not categories .*'type_0'"):
@@ -109,6 +109,19 @@ def test_spatial_labels_missing_keys(spatial):
         rmge.pl.spatial_labels(spatial, key="not_here")
     with pytest.raises(KeyError, match=r"'X_umap' are not in adata.obsm. Available entries: 'spatial'"):
         rmge.pl.spatial_labels(spatial, key="cell_type", basis="X_umap")
+
+
+def test_default_keys_are_those_of_add_results(spatial):
+    """Without results the defaults name the missing column and how to write it."""
+    bare = spatial.copy()
+    del bare.obs["rmge_prediction"], bare.obs["rmge_confidence"]
+    hint = r"Store the results first \(e.g. `rmge.tl.add_results\(model, adata\)` writes 'rmge_prediction'"
+    with pytest.raises(KeyError, match=r"Column 'rmge_prediction' is not in adata.obs.*" + hint):
+        rmge.pl.spatial_labels(bare)
+    with pytest.raises(KeyError, match=r"Column 'rmge_confidence' is not in adata.obs.*" + hint):
+        rmge.pl.spatial_confidence(bare)
+    with pytest.raises(KeyError, match=r"Column 'rmge_prediction' is not in adata.obs"):
+        rmge.pl.confusion_matrix(bare, truth_key="cell_type")
 
 
 def test_spatial_labels_does_not_open_pyplot_figures(spatial):
@@ -157,19 +170,21 @@ def test_confusion_matrix_known_answer(tmp_path):
 
 
 def test_confusion_matrix_from_anndata_counts(spatial, tmp_path):
-    fig = rmge.pl.confusion_matrix(spatial, "cell_type", "rmge_label", normalize=None, save=tmp_path / "cm.png")
+    # the predictions are read from obs['rmge_prediction'] (rmge.tl.add_results's key) by default
+    fig = rmge.pl.confusion_matrix(spatial, "cell_type", normalize=None, save=tmp_path / "cm.png")
     check_png(tmp_path / "cm.png")
+    assert fig.axes[0].get_xlabel() == "predicted (rmge_prediction)"
     matrix = fig.axes[0].images[0].get_array()
     assert matrix.sum() == spatial.n_obs
-    accuracy = (spatial.obs["cell_type"].astype(str) == spatial.obs["rmge_label"].astype(str)).mean()
+    accuracy = (spatial.obs["cell_type"].astype(str) == spatial.obs["rmge_prediction"].astype(str)).mean()
     assert fig.axes[0].get_title().startswith(f"accuracy {accuracy:.3f}")
 
 
 def test_confusion_matrix_errors(spatial):
     with pytest.raises(KeyError, match=r"'truth' is not in adata.obs. Available columns: 'cell_type'"):
-        rmge.pl.confusion_matrix(spatial, "truth", "rmge_label")
+        rmge.pl.confusion_matrix(spatial, "truth", "rmge_prediction")
     with pytest.raises(ValueError, match="normalize must be"):
-        rmge.pl.confusion_matrix(spatial, "cell_type", "rmge_label", normalize="rows")
+        rmge.pl.confusion_matrix(spatial, "cell_type", "rmge_prediction", normalize="rows")
     with pytest.raises(ValueError, match="differ in length: 2 and 1"):
         rmge.pl.confusion_matrix((["a", "b"], ["a"]))
 

@@ -34,12 +34,15 @@ logger = logging.getLogger("rmge")
 
 _PROG = "rmge"
 
+#: Prefix of the keys written into the spatial AnnData: those of :func:`rmge.tl.add_results`.
+KEY_ADDED = "rmge"
 #: Keys written into the spatial AnnData (``obs`` columns, ``obsm`` entries, ``uns`` entries).
-LABEL_KEY = "rmge_label"
-CONFIDENCE_KEY = "rmge_confidence"
-PROBABILITIES_KEY = "rmge_probabilities"
-LATENT_KEY = "X_rmge"
-SUMMARY_KEY = "rmge_transfer"
+PREDICTION_KEY = f"{KEY_ADDED}_prediction"
+CONFIDENCE_KEY = f"{KEY_ADDED}_confidence"
+PROBABILITIES_KEY = f"{KEY_ADDED}_probabilities"
+LATENT_KEY = f"X_{KEY_ADDED}"
+COLORS_KEY = f"{PREDICTION_KEY}_colors"
+SUMMARY_KEY = KEY_ADDED
 
 _DEMO_TRUTH_KEY = "true_cell_type"
 _DEMO_LABELS_KEY = "cell_type"
@@ -89,6 +92,26 @@ def _nonnegative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (np.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 
@@ -180,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         "transfer",
         help="label spatial cells with the cell types of a reference",
         description="Transfer the cell types of REFERENCE (h5ad) to SPATIAL (h5ad, or a Stereo-seq GEM/GEF "
-        f"file) and write SPATIAL with obs['{LABEL_KEY}'], obs['{CONFIDENCE_KEY}'], "
-        f"obsm['{PROBABILITIES_KEY}'] and obsm['{LATENT_KEY}'] to OUT.h5ad.",
+        f"file) and write SPATIAL with obs['{PREDICTION_KEY}'], obs['{CONFIDENCE_KEY}'], "
+        f"obsm['{PROBABILITIES_KEY}'], obsm['{LATENT_KEY}'], uns['{COLORS_KEY}'] and a summary in "
+        f"uns['{SUMMARY_KEY}'] to OUT.h5ad: the keys rmge.tl.add_results writes.",
     )
     tr.add_argument("reference", metavar="REFERENCE.h5ad", help="labelled reference (snRNA-seq, or gene activity)")
     tr.add_argument(
@@ -235,6 +259,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--original",
         action="store_true",
         help="use the settings of the original RMGE method (RMGEModel.ORIGINAL) instead of rmge's defaults",
+    )
+    tr.add_argument(
+        "--unknown-threshold",
+        type=_probability,
+        default=None,
+        metavar="P",
+        help="label 'Unknown' the cells whose largest probability is below P (default: every cell gets its "
+        "most probable type)",
+    )
+    tr.add_argument(
+        "--novelty-threshold",
+        type=_positive_float,
+        default=None,
+        metavar="T",
+        help="label 'Unknown' the cells that fit their predicted type more than T robust standard deviations "
+        "worse than its typical member, e.g. 2 (types the reference lacks; default: off)",
     )
     tr.add_argument("--save-model", default=None, metavar="DIR", help="save the trained model into this folder")
     tr.add_argument(
@@ -429,15 +469,32 @@ class TransferResult:
     train_seconds: float
 
 
-def _reference_order(reference: AnnData, labels_key: str, classes: Sequence[str]) -> list[str]:
-    """``classes`` in the order of the reference's label categories (sorted when the column is not categorical)."""
-    labels = reference.obs[labels_key]
-    if isinstance(labels.dtype, pd.CategoricalDtype):
-        ordered = [str(c) for c in labels.cat.categories]
-    else:
-        ordered = sorted({str(v) for v in labels.dropna()})
-    present = set(classes)
-    return [c for c in ordered if c in present] + [c for c in classes if c not in set(ordered)]
+def _copy_rows(values: np.ndarray, rows: np.ndarray, n: int, fill) -> np.ndarray:
+    """An array of ``n`` rows holding ``values`` at ``rows`` and ``fill`` elsewhere."""
+    out = np.full((n, *values.shape[1:]), fill, dtype=values.dtype)
+    out[rows] = values
+    return out
+
+
+def _copy_results(adata: AnnData, source: np.ndarray, spatial: AnnData, rows: np.ndarray) -> None:
+    """Copy what :func:`rmge.tl.add_results` wrote into ``adata`` onto ``spatial``.
+
+    Row ``source[i]`` of ``adata`` is row ``rows[i]`` of ``spatial``; the other rows of ``spatial``
+    get missing values (no prediction, NaN confidence, probabilities and metagene activities).
+    """
+    n = spatial.n_obs
+    predictions = adata.obs[PREDICTION_KEY]
+    codes = predictions.cat.codes.to_numpy()[source].astype(np.int64)
+    spatial.obs[PREDICTION_KEY] = pd.Categorical.from_codes(
+        _copy_rows(codes, rows, n, -1), categories=predictions.cat.categories
+    )
+    spatial.obs[CONFIDENCE_KEY] = _copy_rows(adata.obs[CONFIDENCE_KEY].to_numpy()[source], rows, n, np.nan)
+    probs = adata.obsm[PROBABILITIES_KEY]
+    spatial.obsm[PROBABILITIES_KEY] = pd.DataFrame(
+        _copy_rows(probs.to_numpy()[source], rows, n, np.nan), index=spatial.obs_names.copy(), columns=probs.columns
+    )
+    spatial.obsm[LATENT_KEY] = _copy_rows(np.asarray(adata.obsm[LATENT_KEY])[source], rows, n, np.nan)
+    spatial.uns[COLORS_KEY] = list(adata.uns[COLORS_KEY])
 
 
 def transfer_labels(
@@ -453,20 +510,27 @@ def transfer_labels(
     spatial_kind: str = "auto",
     max_epochs: int | None = None,
     original: bool = False,
+    unknown_threshold: float | None = None,
+    novelty_threshold: float | None = None,
     accelerator: str = "auto",
     progress_bar: bool = True,
 ) -> TransferResult:
     """Train an :class:`rmge.RMGEModel` on a reference and spatial data, and label the spatial cells in place.
 
-    Runs :func:`rmge.pp.prepare`, :meth:`rmge.RMGEModel.setup_anndata`, training and prediction, and
-    writes into ``spatial`` (cells without counts over the genes used get missing values):
+    Runs :func:`rmge.pp.prepare`, :meth:`rmge.RMGEModel.setup_anndata`, training and
+    :func:`rmge.tl.add_results`, and copies the keys ``add_results`` writes onto ``spatial`` (cells
+    without counts over the genes used get missing values):
 
-    - ``obs['rmge_label']``: predicted cell type (categorical; categories: the reference's types, in its order);
-    - ``obs['rmge_confidence']``: probability of the predicted type (the largest probability);
+    - ``obs['rmge_prediction']``: predicted cell type (categorical; categories: the reference's types,
+      in its order, then ``"Unknown"`` when ``unknown_threshold`` or ``novelty_threshold`` is given);
+    - ``obs['rmge_confidence']``: probability of the most probable type (the largest probability);
     - ``obsm['rmge_probabilities']``: DataFrame cells × reference types, rows summing to 1;
     - ``obsm['X_rmge']``: metagene activities (cells × reference types);
-    - ``uns['rmge_transfer']``: a summary (label column, types, gene and cell numbers, settings);
-    - ``uns['rmge_label_colors']``: the reference's colours of the types, when it has them.
+    - ``uns['rmge_prediction_colors']``: one colour per category, the reference's
+      ``uns['<labels_key>_colors']`` when it has them (scanpy's convention), ``"Unknown"`` in grey;
+    - ``uns['rmge']``: the summary of :func:`rmge.pp.prepare` and the settings of
+      :func:`rmge.tl.add_results`, with ``n_labelled``, ``n_unlabelled``, ``settings`` (``"default"``
+      or ``"original"``) and ``n_epochs``.
 
     Parameters
     ----------
@@ -489,6 +553,8 @@ def transfer_labels(
         Maximum number of training epochs; ``None`` lets :meth:`rmge.RMGEModel.train` choose.
     original
         Use :attr:`rmge.RMGEModel.ORIGINAL` (the original method's settings).
+    unknown_threshold, novelty_threshold
+        Label cells ``"Unknown"`` as :meth:`rmge.RMGEModel.predict` does; ``None`` turns each off.
     accelerator
         Passed to :meth:`rmge.RMGEModel.train`.
     progress_bar
@@ -497,7 +563,7 @@ def transfer_labels(
     Returns
     -------
     TransferResult
-        The model, the combined AnnData and cell numbers.
+        The model, the combined AnnData (annotated by :func:`rmge.tl.add_results`) and cell numbers.
     """
     if not spatial.obs_names.is_unique:
         warnings.warn(
@@ -545,54 +611,34 @@ def transfer_labels(
     model.train(max_epochs=max_epochs, accelerator=accelerator, enable_progress_bar=progress_bar)
     train_seconds = time.perf_counter() - start
 
-    spatial_idx = np.flatnonzero((adata.obs[DOMAIN_KEY] == SPATIAL_DOMAIN).to_numpy())
-    probs = model.predict(indices=spatial_idx, soft=True)
-    latent = model.get_latent_representation(indices=spatial_idx)
-    # Types in the reference's order (its categories), so that legends and colours match the reference.
-    model_classes = [str(c) for c in probs.columns]
-    classes = _reference_order(reference, labels_key, model_classes)
-    order = [model_classes.index(c) for c in classes]
-    probs = probs.iloc[:, order]
-    latent = latent[:, order]
+    # The model's classes follow the reference's label categories (rmge.pp.prepare keeps their order),
+    # so legends and colours match the reference.
+    rmge.tl.add_results(
+        model,
+        adata,
+        unknown_threshold=unknown_threshold,
+        novelty_threshold=novelty_threshold,
+        key_added=KEY_ADDED,
+        palette=_stored_label_colors(reference, labels_key, model.classes_),
+    )
 
     # Rows of ``spatial`` for each predicted cell: prepare keeps the input names in 'original_obs_name'
     # and may drop cells without counts over the genes used.
+    spatial_idx = np.flatnonzero((adata.obs[DOMAIN_KEY] == SPATIAL_DOMAIN).to_numpy())
     names = adata.obs["original_obs_name"].iloc[spatial_idx].astype(str).to_numpy()
     rows = spatial.obs_names.get_indexer(names)
     if (rows < 0).any():  # pragma: no cover - prepare keeps every spatial name
         raise RuntimeError("Predicted cells could not be matched to the spatial cells by name.")
-    values = probs.to_numpy(dtype=np.float64)
-    n = spatial.n_obs
-    prob_full = np.full((n, len(classes)), np.nan)
-    prob_full[rows] = values
-    latent_full = np.full((n, latent.shape[1]), np.nan, dtype=np.float32)
-    latent_full[rows] = latent
-    codes = np.full(n, -1, dtype=np.int64)
-    codes[rows] = values.argmax(axis=1)
-    confidence = np.full(n, np.nan)
-    confidence[rows] = values.max(axis=1)
+    _copy_results(adata, spatial_idx, spatial, rows)
 
-    spatial.obs[LABEL_KEY] = pd.Categorical.from_codes(codes, categories=classes)
-    spatial.obs[CONFIDENCE_KEY] = confidence
-    spatial.obsm[PROBABILITIES_KEY] = pd.DataFrame(prob_full, index=spatial.obs_names.copy(), columns=classes)
-    spatial.obsm[LATENT_KEY] = latent_full
-    colors = _stored_label_colors(reference, labels_key, classes)
-    if colors is not None:
-        spatial.uns[f"{LABEL_KEY}_colors"] = colors
+    n = spatial.n_obs
     n_epochs = max((len(v) for v in model.history.values()), default=0) if model.history else 0
     spatial.uns[SUMMARY_KEY] = {
-        "labels_key": labels_key,
-        "classes": classes,
-        "n_genes_used": int(info["n_genes_used"]),
-        "n_shared_genes": int(info["n_shared_genes"]),
-        "n_reference_cells": int(info["n_reference_cells"]),
+        **adata.uns[SUMMARY_KEY],
         "n_labelled": len(rows),
         "n_unlabelled": int(n - len(rows)),
-        "value_kind_reference": str(info["value_kind"]["reference"]),
-        "value_kind_spatial": str(info["value_kind"]["spatial"]),
         "settings": "original" if original else "default",
         "n_epochs": int(n_epochs),
-        "rmge_version": _version(),
     }
     if n > len(rows):
         logger.info("%d spatial cells have no counts over the genes used and get no label.", n - len(rows))
@@ -600,7 +646,7 @@ def transfer_labels(
 
 
 def _summary_table(spatial: AnnData) -> str:
-    labels = spatial.obs[LABEL_KEY]
+    labels = spatial.obs[PREDICTION_KEY]
     confidence = spatial.obs[CONFIDENCE_KEY]
     rows = []
     total = len(labels)
@@ -622,17 +668,13 @@ def _summary_table(spatial: AnnData) -> str:
 
 def _score(spatial: AnnData, truth_key: str) -> dict[str, float]:
     probs = spatial.obsm[PROBABILITIES_KEY]
-    labelled = spatial.obs[LABEL_KEY].notna().to_numpy()
+    labelled = spatial.obs[PREDICTION_KEY].notna().to_numpy()
     # Unlabelled cells count as errors: their prediction is missing.
-    metrics = rmge.tl.transfer_metrics(
-        spatial.obs[truth_key].to_numpy(), spatial.obs[LABEL_KEY].astype(object).to_numpy(), classes=list(probs.columns)
-    )
+    truth = spatial.obs[truth_key].to_numpy()
+    predicted = spatial.obs[PREDICTION_KEY].astype(object).to_numpy()
+    metrics = rmge.tl.transfer_metrics(truth, predicted, classes=list(probs.columns))
     if labelled.any():
-        scored = rmge.tl.transfer_metrics(
-            spatial.obs[truth_key].to_numpy()[labelled],
-            spatial.obs[LABEL_KEY].astype(object).to_numpy()[labelled],
-            proba=probs.iloc[labelled],
-        )
+        scored = rmge.tl.transfer_metrics(truth[labelled], predicted[labelled], proba=probs.iloc[labelled])
         metrics["ece"] = scored["ece"]
     return metrics
 
@@ -700,6 +742,8 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
         spatial_kind=args.spatial_kind,
         max_epochs=args.max_epochs,
         original=args.original,
+        unknown_threshold=args.unknown_threshold,
+        novelty_threshold=args.novelty_threshold,
         accelerator=args.accelerator,
         progress_bar=not args.quiet,
     )
@@ -711,7 +755,7 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     if model_dir is not None:
         result.model.save(str(model_dir), overwrite=True)
     if plot_path is not None:
-        rmge.pl.spatial_labels(spatial, key=LABEL_KEY, title="rmge label", save=plot_path, show=False)
+        rmge.pl.spatial_labels(spatial, key=PREDICTION_KEY, title="rmge prediction", save=plot_path, show=False)
 
     print(f"Predicted cell types of {spatial.n_obs:,} spatial cells:")
     print(_summary_table(spatial))
@@ -760,7 +804,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     h5ad_path = write_h5ad_atomic(spatial, out / "spatial_labelled.h5ad")
     _demo_map(spatial, out / "spatial_labels.png")
     rmge.pl.confusion_matrix(
-        spatial, truth_key=_DEMO_TRUTH_KEY, pred_key=LABEL_KEY, save=out / "confusion_matrix.png", show=False
+        spatial, truth_key=_DEMO_TRUTH_KEY, pred_key=PREDICTION_KEY, save=out / "confusion_matrix.png", show=False
     )
     result.model.save(str(model_dir), overwrite=True)
 
@@ -776,7 +820,7 @@ def _demo_map(spatial: AnnData, path: Path) -> None:
     """Two panels side by side: the simulated truth and rmge's labels, in the same colours."""
     from matplotlib.figure import Figure
 
-    classes = list(spatial.obs[LABEL_KEY].cat.categories)
+    classes = list(spatial.obs[PREDICTION_KEY].cat.categories)
     truth_colors = dict(
         zip(spatial.obs[_DEMO_TRUTH_KEY].cat.categories, spatial.uns.get(f"{_DEMO_TRUTH_KEY}_colors", []), strict=False)
     )
@@ -784,7 +828,7 @@ def _demo_map(spatial: AnnData, path: Path) -> None:
     fig = Figure(figsize=(15.0, 5.5), layout="constrained")
     ax_truth, ax_pred = fig.subplots(1, 2)
     rmge.pl.spatial_labels(spatial, key=_DEMO_TRUTH_KEY, title="simulated truth", palette=palette, ax=ax_truth)
-    rmge.pl.spatial_labels(spatial, key=LABEL_KEY, title="rmge label", palette=palette, ax=ax_pred)
+    rmge.pl.spatial_labels(spatial, key=PREDICTION_KEY, title="rmge prediction", palette=palette, ax=ax_pred)
     rmge.pl.save_figure(fig, path, dpi=150)
 
 

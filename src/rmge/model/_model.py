@@ -157,7 +157,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
     >>> rmge.RMGEModel.setup_anndata(adata, labels_key="cell_type", domain_key="domain")
     >>> model = rmge.RMGEModel(adata)
     >>> model.train()
-    >>> adata.obs["rmge_label"] = model.predict()
+    >>> rmge.tl.add_results(model, adata)  # obs["rmge_prediction"], obs["rmge_confidence"], ...
     >>> original = rmge.RMGEModel(adata, **rmge.RMGEModel.ORIGINAL)
     """
 

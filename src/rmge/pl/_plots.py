@@ -111,7 +111,8 @@ def _check_obs_key(adata: AnnData, key: str) -> pd.Series:
     if key not in adata.obs.columns:
         raise KeyError(
             f"Column {key!r} is not in adata.obs. Available columns: {_available(adata.obs.columns)}. "
-            "Store the values first (e.g. `adata.obs['rmge_label'] = model.predict()`) or pass `key=`."
+            "Store the results first (e.g. `rmge.tl.add_results(model, adata)` writes 'rmge_prediction' and "
+            "'rmge_confidence') or pass `key=`."
         )
     return adata.obs[key]
 
@@ -201,7 +202,7 @@ def _category_colors(
 # --------------------------------------------------------------------------------------------
 def spatial_labels(
     adata: AnnData,
-    key: str = "rmge_label",
+    key: str = "rmge_prediction",
     basis: str = "spatial",
     *,
     groups: Sequence[str] | str | None = None,
@@ -225,7 +226,8 @@ def spatial_labels(
     adata
         Cells with coordinates in ``obsm[basis]`` and labels in ``obs[key]``.
     key
-        Categorical (or string) column of ``adata.obs``.
+        Categorical (or string) column of ``adata.obs``; by default the predictions
+        :func:`rmge.tl.add_results` writes.
     basis
         Entry of ``adata.obsm`` holding the coordinates (``"umap"`` also finds ``"X_umap"``).
     groups
@@ -373,7 +375,7 @@ def spatial_confidence(
     adata
         Cells with coordinates in ``obsm[basis]`` and values in ``obs[key]``.
     key
-        Numeric column of ``adata.obs``.
+        Numeric column of ``adata.obs``; by default the confidence :func:`rmge.tl.add_results` writes.
     basis
         Entry of ``adata.obsm`` holding the coordinates.
     cmap
@@ -452,7 +454,7 @@ def _labels_in_order(values) -> list[str]:
 def confusion_matrix(
     data: AnnData | tuple[Sequence, Sequence],
     truth_key: str = "cell_type",
-    pred_key: str = "rmge_label",
+    pred_key: str = "rmge_prediction",
     *,
     normalize: str | None = "true",
     labels: Sequence[str] | None = None,
@@ -478,7 +480,8 @@ def confusion_matrix(
     truth_key
         Column of ``adata.obs`` with the true labels (ignored for a pair).
     pred_key
-        Column of ``adata.obs`` with the predicted labels (ignored for a pair).
+        Column of ``adata.obs`` with the predicted labels (ignored for a pair); by default the
+        predictions :func:`rmge.tl.add_results` writes.
     normalize
         ``"true"`` (rows sum to 1, the default), ``"pred"`` (columns sum to 1), ``"all"`` or
         ``None`` (counts); as in :func:`sklearn.metrics.confusion_matrix`.

@@ -109,7 +109,7 @@ def smooth_probabilities(
     --------
     >>> probs = model.predict(soft=True)  # doctest: +SKIP
     >>> smoothed = rmge.tl.smooth_probabilities(adata, probs, batch_key="section")  # doctest: +SKIP
-    >>> adata.obs["rmge_label_smoothed"] = smoothed.idxmax(axis=1)  # doctest: +SKIP
+    >>> adata.obs["rmge_prediction_smoothed"] = smoothed.idxmax(axis=1)  # doctest: +SKIP
     """
     if not 0 <= alpha <= 1:
         raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}.")
