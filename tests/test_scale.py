@@ -21,7 +21,7 @@ from scipy import stats
 import rmge
 from rmge import RMGEModel
 from rmge.model import _model as model_mod
-from rmge.model._kernels import sparse_logits, thin_counts
+from rmge.model._kernels import cosine_inputs, sparse_logits, thin_counts
 from rmge.model._trainingplan import MinibatchSource, PairedMinibatches
 
 pytestmark = pytest.mark.filterwarnings(
@@ -83,6 +83,67 @@ def test_thinning_draws_binomial_counts():
     torch.manual_seed(1)
     b = thin_counts(x[:50], torch.ones(50), torch.tensor(ps, dtype=torch.float32))
     assert torch.equal(a, b)
+
+
+def _centred_unit(x: torch.Tensor) -> torch.Tensor:
+    x = x - x.mean(-1, keepdim=True)
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_compiled_inputs_equal_the_tensor_operations(small_adata, standardize):
+    # the CPU path of inference (one compiled pass) gives what normalize() and encode() give with tensor ops
+    adata = small_adata.copy()
+    RMGEModel.setup_anndata(adata, labels_key=LABELS)
+    model = RMGEModel(adata, standardize=standardize)
+    module = model.module.eval()
+    x = torch.as_tensor(adata.X[:300].toarray(), dtype=torch.float32)
+    x[0, :5] += torch.tensor([0.5, 300.0, 1000.0, 2.25, 7.0])  # non-integer and large values take the slow path
+    g = torch.as_tensor(np.array(model.adata_manager.get_from_registry("batch")).ravel()[:300]).view(-1, 1)
+    with torch.inference_mode():
+        out = module.inference(x, g)
+        x_norm = module.normalize(x.clone(), g.view(-1))
+        z = module.encode(x_norm, dropout=False)
+    torch.testing.assert_close(out["x_norm"], x_norm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["z"], z, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_dropout_and_thinning():
+    gen = torch.Generator().manual_seed(0)
+    n, m = 400, 300
+    x = 1.0 + torch.poisson(torch.full((n, m), 2.0), generator=gen)  # no zeros: every log value is positive
+    groups = torch.zeros(n, dtype=torch.long)
+    mean, inv_std = torch.zeros(1, m), torch.ones(1, m)
+    clean_rows = torch.arange(n) % 3 == 0
+    torch.manual_seed(0)
+    x_norm, x_drop, x_clean = cosine_inputs(
+        x, groups, mean, inv_std, standardize=False, dropout=0.3, clean=clean_rows
+    )
+    expected = torch.log1p(x * (1e4 / x.sum(1, keepdim=True)))
+    torch.testing.assert_close(x_norm, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_clean, _centred_unit(expected)[clean_rows], rtol=1e-4, atol=1e-5)
+    # a dropped entry is the row's centred zero, its smallest value: recover the mask and compare
+    kept = x_drop > x_drop.min(1, keepdim=True).values + 1e-6
+    frac = float(kept.float().mean())
+    assert abs(frac - 0.7) < 4 * np.sqrt(0.21 / kept.numel())
+    torch.testing.assert_close(x_drop, _centred_unit(expected * kept), rtol=1e-4, atol=1e-5)
+    # a fresh mask at each call; torch's seed makes it reproducible
+    torch.manual_seed(0)
+    again = cosine_inputs(x, groups, mean, inv_std, standardize=False, dropout=0.3, clean=False)
+    torch.manual_seed(1)
+    other = cosine_inputs(x, groups, mean, inv_std, standardize=False, dropout=0.3, clean=False)
+    assert again[2] is None and torch.equal(again[1], x_drop) and not torch.equal(other[1], x_drop)
+
+    # thinning of the rows with a positive scale: counts of 1 are kept with probability scale * factor
+    ones = torch.ones(n, m)
+    scale = torch.where(torch.arange(n) < n // 2, 0.25, 0.0)
+    factor = torch.linspace(0.5, 1.5, m)
+    x_norm, _, _ = cosine_inputs(
+        ones, groups, mean, inv_std, standardize=False, dropout=0.0, clean=True, thin_scale=scale, factor=factor
+    )
+    kept = (x_norm[: n // 2] > 0).float()
+    np.testing.assert_allclose(kept.mean(0).reshape(10, -1).mean(1), (0.25 * factor).reshape(10, -1).mean(1), atol=0.01)
+    torch.testing.assert_close(x_norm[n // 2 :], torch.full((n // 2, m), float(np.log1p(1e4 / m))))
 
 
 @pytest.mark.parametrize(

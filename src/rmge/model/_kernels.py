@@ -76,18 +76,73 @@ def _draw(v, p, state):  # pragma: no cover - compiled
     return float(k)
 
 
+@_njit(inline="always")
+def _next(s0, s1):  # pragma: no cover - compiled
+    # one step of xoroshiro128+ with the state in two local variables (kept in registers)
+    r = s0 + s1
+    s1 ^= s0
+    s0 = ((s0 << _U64(24)) | (s0 >> _U64(40))) ^ s1 ^ (s1 << _U64(16))
+    s1 = (s1 << _U64(37)) | (s1 >> _U64(27))
+    return r, s0, s1
+
+
+@_njit(inline="always")
+def _draw_fast(v, p, s0, s1):  # pragma: no cover - compiled
+    # Binomial(n = round(v), p): for n <= 16 a sum of n Bernoulli draws (two 32-bit uniforms per 64-bit
+    # draw, p resolved to 2^-32), which avoids the power and the branches of the inversion; else inversion
+    n = int(v + 0.5)
+    if n <= 0 or p <= 0.0:
+        return 0.0, s0, s1
+    if p >= 1.0:
+        return float(n), s0, s1
+    if n <= 16:
+        thr = _U64(p * 4294967296.0)
+        k = 0
+        for t in range(0, n, 2):
+            r, s0, s1 = _next(s0, s1)
+            k += (r & _U64(0xFFFFFFFF)) < thr
+            if t + 1 < n:
+                k += (r >> _U64(32)) < thr
+        return float(k), s0, s1
+    r, s0, s1 = _next(s0, s1)
+    u = (r >> _U64(11)) * (1.0 / 9007199254740992.0)
+    q = 1.0 - p
+    pmf = q**n
+    if pmf < 1e-300:  # q^n underflows: draw directly
+        return float(np.random.binomial(n, p)), s0, s1
+    cdf = pmf
+    ratio = p / q
+    k = 0
+    while u >= cdf and k < n:
+        k += 1
+        pmf *= (n - k + 1) / k * ratio
+        cdf += pmf
+    return float(k), s0, s1
+
+
 @_njit()
-def _thin_rows(x, scale, factor, seed, out):  # pragma: no cover - compiled
+def _thin_rows(x, scale, factor, rows, seed, out):  # pragma: no cover - compiled
     state = _seed_state(seed)
+    s0, s1 = state[0], state[1]
     n_rows, n_cols = x.shape
     for i in range(n_rows):
+        if not rows[i]:
+            for g in range(n_cols):
+                out[i, g] = x[i, g]
+            continue
         s = scale[i]
         for g in range(n_cols):
             v = x[i, g]
-            out[i, g] = _draw(v, s * factor[g], state) if v > 0.0 else 0.0
+            if v > 0.0:
+                k, s0, s1 = _draw_fast(v, s * factor[g], s0, s1)
+                out[i, g] = k
+            else:
+                out[i, g] = 0.0
 
 
-def thin_counts(x: torch.Tensor, scale: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def thin_counts(
+    x: torch.Tensor, scale: torch.Tensor, factor: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """Binomially thin counts: entry ``(i, g)`` becomes ``Binomial(x[i, g], min(scale[i] * factor[g], 1))``.
 
     On CPU a compiled kernel (numba) walks the counts once, skipping zeros, and draws each entry by
@@ -104,25 +159,212 @@ def thin_counts(x: torch.Tensor, scale: torch.Tensor, factor: torch.Tensor) -> t
         Per-cell retention scale (cells).
     factor
         Per-gene retention factor (genes).
+    rows
+        Boolean mask of the rows to thin (cells); the other rows are copied unchanged. ``None``: all rows.
 
     Returns
     -------
-    Thinned counts, same shape, dtype and device as ``x``.
+    Thinned counts, a new tensor of the same shape, dtype and device as ``x``.
     """
     if x.device.type != "cpu" or x.requires_grad or x.dim() != 2:
         p = (scale.unsqueeze(-1) * factor).clamp(0.0, 1.0)
-        return torch.binomial(x, p.to(x.dtype))
+        if rows is None:
+            return torch.binomial(x, p.to(x.dtype))
+        out = x.clone()
+        out[rows] = torch.binomial(x[rows], p[rows].to(x.dtype))
+        return out
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     xn = np.ascontiguousarray(x.detach().numpy())
     out = np.empty_like(xn)
+    mask = np.ones(xn.shape[0], dtype=np.bool_) if rows is None else np.ascontiguousarray(rows.cpu().numpy())
     _thin_rows(
         xn,
         np.ascontiguousarray(scale.detach().double().numpy()),
         np.ascontiguousarray(factor.detach().double().numpy()),
+        mask,
         seed,
         out,
     )
     return torch.from_numpy(out)
+
+
+# ----------------------------------------------------------------------------- training inputs
+@_njit(fastmath=True)
+def _cosine_rows(
+    x, groups, mean, inv_std, standardize, max_z, target_sum, thin_scale, factor, drop16, seed, clean_slot,
+    x_norm, x_drop, x_clean,
+):  # pragma: no cover - compiled  # fmt: skip
+    state = _seed_state(seed)
+    s0, s1 = state[0], state[1]
+    n_rows, n_cols = x.shape
+    table = np.empty(256, dtype=np.float32)
+    dropout = drop16 > 0
+    # 16-bit uniforms of the dropout mask, four from each 64-bit draw
+    n_words = (n_cols + 3) // 4 if dropout else 0
+    words = np.empty(n_words, dtype=np.uint64)
+    u16 = words.view(np.uint16)
+    lo, hi = np.float32(-max_z), np.float32(max_z)
+    for i in range(n_rows):
+        # pass 1: thinning (rows with a positive scale), library size and largest count; the counts go to x_norm
+        s_thin = thin_scale[i]
+        lib = 0.0
+        top = np.float32(0.0)
+        if s_thin > 0.0:
+            for j in range(n_cols):
+                v = x[i, j]
+                if v > 0.0:
+                    k, s0, s1 = _draw_fast(v, s_thin * factor[j], s0, s1)
+                    v = np.float32(k)
+                x_norm[i, j] = v
+                lib += v
+                top = max(top, v)
+        else:
+            for j in range(n_cols):
+                v = x[i, j]
+                x_norm[i, j] = v
+                lib += v
+                top = max(top, v)
+        c = target_sum / max(lib, 1.0)
+        # log1p(v * c) of the integer counts up to the row's largest (at most 255), looked up in a table
+        n_table = min(int(top), 255) + 1
+        for k in range(n_table):
+            table[k] = np.log1p(k * c)
+        g = groups[i]
+        s = 0.0
+        ss = 0.0
+        sd = 0.0
+        ssd = 0.0
+        for k in range(n_words):
+            words[k], s0, s1 = _next(s0, s1)
+        for j in range(n_cols):
+            v = x_norm[i, j]
+            iv = int(v)
+            x_norm[i, j] = table[iv] if (iv == v and iv < n_table) else np.float32(np.log1p(v * c))
+        # separate loops vectorise
+        if standardize:
+            for j in range(n_cols):
+                x_norm[i, j] = min(max((x_norm[i, j] - mean[g, j]) * inv_std[g, j], lo), hi)
+        for j in range(n_cols):
+            y = x_norm[i, j]
+            s += y
+            ss += y * y
+        if dropout:
+            for j in range(n_cols):
+                yd = x_norm[i, j] * np.float32(u16[j] >= drop16)
+                x_drop[i, j] = yd
+                sd += yd
+                ssd += yd * yd
+        # centre each profile on its mean over genes and divide by the norm of the centred profile; the
+        # rescaling of kept entries by 1 / (1 - p) cancels in this division
+        r = clean_slot[i]
+        if r >= 0:
+            mu = s / n_cols
+            inv = 1.0 / max(np.sqrt(max(ss - n_cols * mu * mu, 0.0)), 1e-6)
+            mu32, inv32 = np.float32(mu), np.float32(inv)
+            for j in range(n_cols):
+                x_clean[r, j] = (x_norm[i, j] - mu32) * inv32
+        if dropout:
+            mu = sd / n_cols
+            inv = 1.0 / max(np.sqrt(max(ssd - n_cols * mu * mu, 0.0)), 1e-6)
+            mu32, inv32 = np.float32(mu), np.float32(inv)
+            for j in range(n_cols):
+                x_drop[i, j] = (x_drop[i, j] - mu32) * inv32
+
+
+def cosine_inputs(
+    x: torch.Tensor,
+    groups: torch.Tensor,
+    mean: torch.Tensor,
+    inv_std: torch.Tensor,
+    *,
+    standardize: bool,
+    dropout: float,
+    clean: bool | torch.Tensor,
+    thin_scale: torch.Tensor | None = None,
+    factor: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Inputs of the cosine classifier for a dense CPU minibatch of counts, in one compiled pass.
+
+    Computes what :func:`thin_counts`, :meth:`rmge.RMGEModule.normalize` and the input side of
+    :meth:`rmge.RMGEModule.encode` compute with several tensor operations each (binomial thinning of
+    some rows, normalisation to ``1e4`` counts, ``log1p`` (looked up in a per-cell table for integer
+    counts), standardisation within each cell's group, clipping, input dropout, centring on the mean
+    over genes and division by the norm), reading and writing each entry a few times instead of a
+    dozen, and drawing the dropout mask with a fast generator (xoroshiro128+, 16-bit uniforms, seeded
+    from torch's generator) rather than torch's per-entry Bernoulli draws. On a CPU these element-wise
+    steps, not the matrix products, dominate a training step.
+
+    Parameters
+    ----------
+    x
+        Counts (cells × genes), ``float32`` on the CPU.
+    groups
+        Standardisation group of each cell.
+    mean, inv_std
+        Per-group means and inverse standard deviations of the genes (groups × genes).
+    standardize
+        Standardise within the group (else the ``log1p`` values are used).
+    dropout
+        Input dropout probability (0: none).
+    clean
+        Also return the profiles without dropout (when ``dropout > 0``): ``True`` for every row, or a
+        boolean mask of the rows wanted.
+    thin_scale, factor
+        Thinning: row ``i`` (where ``thin_scale[i] > 0``) is first thinned as by :func:`thin_counts`
+        with retention ``min(thin_scale[i] * factor[j], 1)``; rows with a zero scale are used as they are.
+        ``None``: no thinning.
+
+    Returns
+    -------
+    ``x_norm`` (standardised values, the reconstruction target), the centred and normalised profiles
+    with dropout (``None`` without dropout), and those without dropout (every row without dropout;
+    else the rows ``clean`` asks for, in their order; ``None`` when ``clean`` is ``False``).
+    """
+    from ._module import MAX_Z, TARGET_SUM
+
+    xn = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
+    n, m = xn.shape
+    drop16 = int(round(min(max(dropout, 0.0), 1.0) * 65536))
+    if thin_scale is None:
+        scale_np, factor_np = np.zeros(n), np.ones(m)
+    else:
+        scale_np = np.ascontiguousarray(thin_scale.detach().cpu().numpy(), dtype=np.float64)
+        factor_np = np.ascontiguousarray(factor.detach().cpu().numpy(), dtype=np.float64)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if drop16 > 0 or thin_scale is not None else 0
+    x_norm = np.empty((n, m), dtype=np.float32)
+    x_drop = np.empty((n, m), dtype=np.float32) if drop16 > 0 else np.empty((0, 0), dtype=np.float32)
+    if drop16 == 0 or (isinstance(clean, bool) and clean):
+        slot = np.arange(n, dtype=np.int64)
+    elif isinstance(clean, bool):
+        slot = np.full(n, -1, dtype=np.int64)
+    else:
+        mask = np.asarray(clean.cpu().numpy(), dtype=bool).reshape(-1)
+        slot = np.where(mask, np.cumsum(mask) - 1, -1).astype(np.int64)
+    n_clean = int((slot >= 0).sum())
+    want_clean = drop16 == 0 or not isinstance(clean, bool) or clean
+    x_clean = np.empty((n_clean, m), dtype=np.float32)
+    _cosine_rows(
+        xn,
+        np.ascontiguousarray(groups.view(-1).cpu().numpy(), dtype=np.int64),
+        np.ascontiguousarray(mean.detach().cpu().numpy(), dtype=np.float32),
+        np.ascontiguousarray(inv_std.detach().cpu().numpy(), dtype=np.float32),
+        bool(standardize),
+        float(MAX_Z),
+        float(TARGET_SUM),
+        scale_np,
+        factor_np,
+        np.uint64(drop16),
+        seed,
+        slot,
+        x_norm,
+        x_drop,
+        x_clean,
+    )
+    return (
+        torch.from_numpy(x_norm),
+        torch.from_numpy(x_drop) if drop16 > 0 else None,
+        torch.from_numpy(x_clean) if want_clean else None,
+    )
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -11,7 +11,7 @@ from torch import nn
 
 from rmge._constants import REGISTRY_KEYS
 
-from ._kernels import thin_counts
+from ._kernels import cosine_inputs, thin_counts
 
 #: Size of the quantile tables used to match reference depth to spatial depth by rank.
 N_QUANTILES = 1001
@@ -208,6 +208,10 @@ class RMGEModule(BaseModuleClass):
         On CPU the binomial draws run in a compiled kernel that skips zero counts (exact, by inversion of
         the cumulative distribution, seeded from torch's generator); elsewhere :func:`torch.binomial` draws them.
         """
+        return thin_counts(x, self._thin_scale(x), self.gene_factor)
+
+    def _thin_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-cell retention scale of :meth:`thin` (target depth over the factor-weighted library size)."""
         lib = x.sum(-1)
         rq = self.ref_lib_quantiles
         sq = self.spatial_lib_quantiles
@@ -220,8 +224,7 @@ class RMGEModule(BaseModuleClass):
         frac = pos - lo.float()
         target = sq[lo] * (1 - frac) + sq[hi] * frac
         weighted_lib = x @ self.gene_factor
-        scale = target / weighted_lib.clamp(min=1e-8)
-        return thin_counts(x, scale, self.gene_factor)
+        return target / weighted_lib.clamp(min=1e-8)
 
     def normalize(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
         """``log1p(normalize_total(x, 1e4))``, then standardisation within the cell's group."""
@@ -284,19 +287,69 @@ class RMGEModule(BaseModuleClass):
         """
         x = x.float()
         g = group.view(-1).long()
-        if thin and self.sparsity_matching:
-            is_ref = self.group_is_reference[g]
-            if bool(is_ref.any()):
-                x = x.clone()
-                x[is_ref] = self.thin(x[is_ref])
+        want_clean = thin and self.training and self.pseudo_label_weight > 0
+        is_ref = self.group_is_reference[g] if thin and self.sparsity_matching else None
+        if is_ref is not None and not bool(is_ref.any()):
+            is_ref = None
+        if self.classifier == "cosine" and x.device.type == "cpu" and x.dim() == 2 and not x.requires_grad:
+            thin_scale = None if is_ref is None else torch.where(is_ref, self._thin_scale(x), 0.0)
+            return self._inference_cpu(x, g, want_clean, thin_scale)
+        if is_ref is not None:
+            # a new tensor: the reference rows thinned, the others copied
+            x = thin_counts(x, self._thin_scale(x), self.gene_factor, rows=is_ref)
         x_norm = self.normalize(x, g)
         out = {"z": self.encode(x_norm), "x_norm": x_norm}
-        if thin and self.training and self.pseudo_label_weight > 0:
+        if want_clean:
             # predictions without dropout choose the pseudo-labels
             with torch.no_grad():
                 out["z_clean"] = self.encode(x_norm, dropout=False)
                 if self.pseudo_label_agreement:
                     out["label_init"] = self.encode(x_norm, dropout=False, weight=self.init_weight).argmax(-1)
+        return out
+
+    def _inference_cpu(
+        self, x: torch.Tensor, g: torch.Tensor, want_clean: bool, thin_scale: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`inference` of the cosine classifier on a CPU: the input side in one compiled pass.
+
+        Same result as the tensor operations of :meth:`normalize` and :meth:`encode` (up to float
+        rounding and the dropout mask's draws); the encoder with and without dropout and the frozen
+        initial metagenes then take one matrix product each (the latter two in one).
+        """
+        p = float(self.dropout.p) if self.training else 0.0
+        # pseudo-labels are chosen among spatial cells only: the profiles without dropout are needed there alone
+        rows = ~self.group_is_reference[g] if want_clean else None
+        x_norm, x_drop, x_clean = cosine_inputs(
+            x,
+            g,
+            self.group_mean,
+            1.0 / self.group_std,
+            standardize=self.standardize,
+            dropout=p,
+            clean=False if rows is None else rows,
+            thin_scale=thin_scale,
+            factor=self.gene_factor,
+        )
+        w = self.encoder.weight
+        w = w / w.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        scale = self.log_scale.exp()
+        z = scale * ((x_clean if x_drop is None else x_drop) @ w.T)
+        out = {"z": z, "x_norm": x_norm}
+        if want_clean:
+            with torch.no_grad():
+                # reference rows keep their activities with dropout (never read as pseudo-labels)
+                z_clean = z.detach().clone()
+                k = self.n_labels
+                if self.pseudo_label_agreement:
+                    w0 = self.init_weight / self.init_weight.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+                    both = x_clean @ torch.cat([w.detach(), w0]).T
+                    z_clean[rows] = scale.detach() * both[:, :k]
+                    label_init = torch.full((x.shape[0],), -1, dtype=torch.long)
+                    label_init[rows] = both[:, k:].argmax(-1)
+                    out["label_init"] = label_init
+                else:
+                    z_clean[rows] = scale.detach() * (x_clean @ w.detach().T)
+                out["z_clean"] = z_clean
         return out
 
     @auto_move_data
