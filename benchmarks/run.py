@@ -150,7 +150,11 @@ def _summary(rec: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default="moffitt,granja,sparsity", help="comma-separated: moffitt, granja, sparsity")
+    parser.add_argument(
+        "--tasks",
+        default="moffitt,granja,granja+archr,sparsity",
+        help="comma-separated: moffitt, granja, granja+archr, sparsity (also moffitt+shared, moffitt+rescaled)",
+    )
     parser.add_argument(
         "--methods", default=",".join(ALL_METHODS), help=f"comma-separated from {', '.join(ALL_METHODS)}"
     )

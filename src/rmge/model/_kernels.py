@@ -510,32 +510,39 @@ def _target_sum() -> float:
 
 
 # ----------------------------------------------------------------------------- sparse inference
-@_njit()
+@_njit(fastmath=True)
 def _encode_rows(
     data, indices, indptr, groups, target_sum, params, weight_t, zero_w, zero_sum, zero_sq, max_z, standardize,
     out_w, out_sum, out_sq,
 ):  # pragma: no cover - compiled  # fmt: skip
     n_rows = len(indptr) - 1
     n_out = weight_t.shape[1]
-    acc = np.zeros(n_out)
-    logs = np.empty(256)  # log1p(v * c) of the small integer counts v of the current cell
+    # products with the metagenes accumulate in float32 (as the module's own matrix product), in a loop that
+    # vectorises; sums and sums of squares of the profile in float64
+    acc = np.zeros(n_out, dtype=np.float32)
+    table = np.empty(256)  # log1p(v * c) of the integer counts v up to the cell's largest (at most 255)
     for i in range(n_rows):
         start, stop = indptr[i], indptr[i + 1]
         lib = 0.0
+        top = 0.0
         for j in range(start, stop):
             lib += data[j]
+            top = max(top, data[j])
         c = target_sum / max(lib, 1.0)
-        logs[:] = -1.0
+        n_table = min(int(top), 255) + 1
+        for k in range(n_table):
+            table[k] = np.log1p(k * c)
         g = groups[i]
         acc_sum = zero_sum[g]
         acc_sq = zero_sq[g]
         for k in range(n_out):
-            acc[k] = zero_w[g, k]
+            acc[k] = 0.0
         for j in range(start, stop):
             v = float(data[j])
             if v == 0.0:
                 continue
-            y = _log1p_scaled(v, c, logs)
+            iv = int(v)
+            y = table[iv] if (iv == v and iv < n_table) else np.log1p(v * c)
             col = indices[j]
             if standardize:
                 # params[g, col] = (mean, 1 / std, standardised value of a zero count)
@@ -548,11 +555,12 @@ def _encode_rows(
             d = s - b
             acc_sum += d
             acc_sq += s * s - b * b
+            d32 = np.float32(d)
             w = weight_t[col]
             for k in range(n_out):
-                acc[k] += d * w[k]
+                acc[k] += d32 * w[k]
         for k in range(n_out):
-            out_w[i, k] = acc[k]
+            out_w[i, k] = zero_w[g, k] + acc[k]
         out_sum[i] = acc_sum
         out_sq[i] = acc_sq
 
