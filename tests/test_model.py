@@ -570,3 +570,40 @@ def test_unknown_threshold_labels_low_confidence_cells_unknown(trained):
     np.testing.assert_array_equal(model.predict(unknown_threshold=0.0), labels)
     with pytest.raises(ValueError, match="unknown_threshold"):
         model.predict(unknown_threshold=1.5)
+
+
+def test_capture_factor_is_shrunk_towards_one_for_rarely_seen_genes():
+    # same technology, spatial = the reference's profiles at 2% depth: every true factor is 1, except one
+    # abundant gene the spatial platform captures 3x better
+    rng = np.random.default_rng(0)
+    n_genes, n_cells = 200, 600
+    base = rng.gamma(0.5, size=n_genes)
+    base[0] = 20.0  # abundant gene
+    p = base / base.sum()
+    ref = rng.poisson(3000 * p, size=(n_cells, n_genes))
+    p_sp = p.copy()
+    p_sp[0] *= 3.0
+    p_sp /= p_sp.sum()
+    spa = rng.poisson(60 * p_sp, size=(n_cells, n_genes))
+    spa[spa.sum(1) == 0, 0] = 1
+    labels = pd.Categorical(np.where(np.arange(n_cells) % 2 == 0, "a", "b"))
+    X = sp.csr_matrix(np.vstack([ref, spa]).astype(np.float32))
+    obs = pd.DataFrame(
+        {
+            "domain": pd.Categorical(["reference"] * n_cells + ["spatial"] * n_cells),
+            "cell_type": pd.Categorical(list(labels) + [None] * n_cells, categories=["a", "b"]),
+        },
+        index=[f"c{i}" for i in range(2 * n_cells)],
+    )
+    adata = ad.AnnData(X, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))
+    RMGEModel.setup_anndata(adata, labels_key="cell_type", domain_key="domain")
+    model = RMGEModel(adata)
+    assert model.module.sparsity_matching
+    factor = model.module.gene_factor.cpu().numpy()
+    expected_counts = p * 60 * n_cells
+    rare = (expected_counts < 5) & (np.arange(n_genes) > 0)
+    assert rare.sum() > 20
+    # genes seen a handful of times keep a factor near 1 (the raw ratio would range from 0.01 to over 10)
+    assert np.all((factor[rare] > 0.5) & (factor[rare] < 2.0))
+    # the abundant gene's capture difference is recovered (relative to the typical gene)
+    assert 2.4 < factor[0] / np.median(factor[1:]) < 3.6

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numba  # a dependency of scanpy
 import numpy as np
 import torch
@@ -586,6 +588,9 @@ def sparse_logits(module, block, groups: np.ndarray) -> np.ndarray | None:
     Returns
     -------
     Activities (cells × types, ``float32``) or ``None``.
+
+    Blocks of more than 8,192 rows are split into row ranges computed in parallel, one per torch thread
+    (:func:`torch.get_num_threads`).
     """
     if module.encoder.weight.device.type != "cpu":
         return None
@@ -609,32 +614,51 @@ def sparse_logits(module, block, groups: np.ndarray) -> np.ndarray | None:
         log_scale = float(module.log_scale.detach().double().exp()) if cosine else 1.0
         bias = module.encoder.bias.detach().double().numpy() if module.encoder.bias is not None else None
     n = block.shape[0]
-    out_w = np.empty((n, weight_t.shape[1]))
-    out_sum = np.empty(n)
-    out_sq = np.empty(n)
-    _encode_rows(
-        block.data,
-        block.indices,
-        block.indptr,
-        np.ascontiguousarray(groups, dtype=np.int64),
-        float(TARGET_SUM),
-        np.ascontiguousarray(np.stack([mean, inv_std, zero], axis=-1)),
-        weight_t.astype(np.float32),
-        np.ascontiguousarray(zero @ weight_t),
-        zero.sum(1),
-        (zero**2).sum(1),
-        float(MAX_Z),
-        bool(module.standardize),
-        out_w,
-        out_sum,
-        out_sq,
-    )
-    if cosine:
-        # centre each profile on its mean over genes, then divide by the norm of the centred profile
-        mu = out_sum / n_genes
-        centred = out_w - mu[:, None] * weight_t.sum(0)[None, :]
-        norm = np.sqrt(np.maximum(out_sq - n_genes * mu**2, 0.0))
-        z = log_scale * centred / np.maximum(norm, 1e-6)[:, None]
+    n_out = weight_t.shape[1]
+    groups = np.ascontiguousarray(groups, dtype=np.int64)
+    params = np.ascontiguousarray(np.stack([mean, inv_std, zero], axis=-1))
+    weight_t32 = np.ascontiguousarray(weight_t, dtype=np.float32)
+    zero_w = np.ascontiguousarray(zero @ weight_t)
+    zero_sum, zero_sq = zero.sum(1), (zero**2).sum(1)
+    w_sum = weight_t.sum(0)
+    z = np.empty((n, n_out), dtype=np.float32)
+
+    def rows(start: int, stop: int) -> None:
+        out_w = np.empty((stop - start, n_out))
+        out_sum = np.empty(stop - start)
+        out_sq = np.empty(stop - start)
+        _encode_rows(
+            block.data,
+            block.indices,
+            block.indptr[start : stop + 1],
+            groups[start:stop],
+            float(TARGET_SUM),
+            params,
+            weight_t32,
+            zero_w,
+            zero_sum,
+            zero_sq,
+            float(MAX_Z),
+            bool(module.standardize),
+            out_w,
+            out_sum,
+            out_sq,
+        )
+        if cosine:
+            # centre each profile on its mean over genes, then divide by the norm of the centred profile
+            mu = out_sum / n_genes
+            centred = out_w - mu[:, None] * w_sum[None, :]
+            norm = np.sqrt(np.maximum(out_sq - n_genes * mu**2, 0.0))
+            z[start:stop] = log_scale * centred / np.maximum(norm, 1e-6)[:, None]
+        else:
+            z[start:stop] = out_w + (bias if bias is not None else 0.0)
+
+    # the kernel releases the GIL: row ranges run on torch's number of threads
+    n_threads = max(1, min(torch.get_num_threads(), n // 4096))
+    if n_threads == 1:
+        rows(0, n)
     else:
-        z = out_w + (bias if bias is not None else 0.0)
-    return z.astype(np.float32)
+        bounds = np.linspace(0, n, n_threads + 1).astype(int)
+        with ThreadPoolExecutor(n_threads) as pool:
+            list(pool.map(rows, bounds[:-1], bounds[1:]))
+    return z

@@ -39,6 +39,8 @@ _GROUP_COL = "_rmge_group"
 _QUERY = "query"
 _REFERENCE = "reference"
 _BLOCK = 20_000
+#: Pseudo-count (spatial counts of a gene) shrinking the per-gene capture factor towards 1.
+_FACTOR_PSEUDOCOUNT = 10.0
 _MIN_STD = 1e-2
 #: Training steps of the default stopping point (``train(max_epochs=None)``).
 _DEFAULT_STEPS = 6_000
@@ -523,8 +525,13 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         sp_q = np.quantile(lib[~is_ref], qs) if n_q else np.zeros(N_QUANTILES)
         ref_prop = prop_sum[1] / max(n_ref, 1)
         sp_prop = prop_sum[0] / max(n_q, 1)
-        eps = 1e-3 / n_genes
-        factor = (sp_prop + eps) / (ref_prop + eps)
+        # per-gene capture factor: spatial over reference mean proportion, shrunk towards 1 by a pseudo-count
+        # on the spatial side (observed counts of the gene vs the counts expected from its reference
+        # proportion). Sparse spatial data hold few counts of most genes: the raw ratio of a gene seen a handful
+        # of times is mostly noise (0.01 to 25 for data of identical capture), and it would thin that gene
+        # far too much or not at all.
+        total_sp = float(lib[~is_ref].sum())
+        factor = (sp_prop * total_sp + _FACTOR_PSEUDOCOUNT) / (ref_prop * total_sp + _FACTOR_PSEUDOCOUNT)
         factor = np.clip(factor / factor.mean(), 1e-2, 1e2)
         factor = factor / factor.mean()
 
