@@ -617,14 +617,18 @@ def sparse_logits(module, block, groups: np.ndarray) -> np.ndarray | None:
     n_out = weight_t.shape[1]
     groups = np.ascontiguousarray(groups, dtype=np.int64)
     params = np.ascontiguousarray(np.stack([mean, inv_std, zero], axis=-1))
-    weight_t32 = np.ascontiguousarray(weight_t, dtype=np.float32)
-    zero_w = np.ascontiguousarray(zero @ weight_t)
+    # metagenes padded with zero columns to a multiple of 8 (whole SIMD registers in the kernel's inner loop)
+    n_pad = -(-n_out // 8) * 8
+    weight_t32 = np.zeros((n_genes, n_pad), dtype=np.float32)
+    weight_t32[:, :n_out] = weight_t
+    zero_w = np.zeros((n_groups, n_pad))
+    zero_w[:, :n_out] = zero @ weight_t
     zero_sum, zero_sq = zero.sum(1), (zero**2).sum(1)
     w_sum = weight_t.sum(0)
     z = np.empty((n, n_out), dtype=np.float32)
 
     def rows(start: int, stop: int) -> None:
-        out_w = np.empty((stop - start, n_out))
+        out_w = np.empty((stop - start, n_pad))
         out_sum = np.empty(stop - start)
         out_sq = np.empty(stop - start)
         _encode_rows(
@@ -644,6 +648,7 @@ def sparse_logits(module, block, groups: np.ndarray) -> np.ndarray | None:
             out_sum,
             out_sq,
         )
+        out_w = out_w[:, :n_out]
         if cosine:
             # centre each profile on its mean over genes, then divide by the norm of the centred profile
             mu = out_sum / n_genes
