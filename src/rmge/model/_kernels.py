@@ -36,13 +36,41 @@ def _seed_state(seed):  # pragma: no cover - compiled
 
 
 @_njit(inline="always")
-def _uniform(state):  # pragma: no cover - compiled
-    s0, s1 = state[0], state[1]
+def _next(s0, s1):  # pragma: no cover - compiled
+    # one step of xoroshiro128+ with the state in two local variables (kept in registers)
     r = s0 + s1
     s1 ^= s0
-    state[0] = ((s0 << _U64(24)) | (s0 >> _U64(40))) ^ s1 ^ (s1 << _U64(16))
-    state[1] = (s1 << _U64(37)) | (s1 >> _U64(27))
+    s0 = ((s0 << _U64(24)) | (s0 >> _U64(40))) ^ s1 ^ (s1 << _U64(16))
+    s1 = (s1 << _U64(37)) | (s1 >> _U64(27))
+    return r, s0, s1
+
+
+@_njit(inline="always")
+def _unit(r):  # pragma: no cover - compiled
+    # uniform number in [0, 1) from the top 53 bits of a 64-bit draw
     return (r >> _U64(11)) * (1.0 / 9007199254740992.0)
+
+
+@_njit(inline="always")
+def _uniform(state):  # pragma: no cover - compiled
+    r, state[0], state[1] = _next(state[0], state[1])
+    return _unit(r)
+
+
+@_njit(inline="always")
+def _invert(n, p, pmf, u):  # pragma: no cover - compiled
+    # Binomial(n, p) by inversion of the cumulative distribution from k = 0, given pmf = (1 - p)^n and a
+    # uniform number u
+    if pmf < 1e-300:  # q^n underflows: draw directly
+        return float(np.random.binomial(n, p))
+    cdf = pmf
+    ratio = p / (1.0 - p)
+    k = 0
+    while u >= cdf and k < n:
+        k += 1
+        pmf *= (n - k + 1) / k * ratio
+        cdf += pmf
+    return float(k)
 
 
 @_njit(inline="always")
@@ -66,26 +94,7 @@ def _draw(v, p, state):  # pragma: no cover - compiled
             pmf *= q
     else:
         pmf = q**n
-    if pmf < 1e-300:  # q^n underflows: draw directly
-        return float(np.random.binomial(n, p))
-    cdf = pmf
-    ratio = p / q
-    k = 0
-    while u >= cdf and k < n:
-        k += 1
-        pmf *= (n - k + 1) / k * ratio
-        cdf += pmf
-    return float(k)
-
-
-@_njit(inline="always")
-def _next(s0, s1):  # pragma: no cover - compiled
-    # one step of xoroshiro128+ with the state in two local variables (kept in registers)
-    r = s0 + s1
-    s1 ^= s0
-    s0 = ((s0 << _U64(24)) | (s0 >> _U64(40))) ^ s1 ^ (s1 << _U64(16))
-    s1 = (s1 << _U64(37)) | (s1 >> _U64(27))
-    return r, s0, s1
+    return _invert(n, p, pmf, u)
 
 
 @_njit(inline="always")
@@ -107,19 +116,7 @@ def _draw_fast(v, p, s0, s1):  # pragma: no cover - compiled
                 k += (r >> _U64(32)) < thr
         return float(k), s0, s1
     r, s0, s1 = _next(s0, s1)
-    u = (r >> _U64(11)) * (1.0 / 9007199254740992.0)
-    q = 1.0 - p
-    pmf = q**n
-    if pmf < 1e-300:  # q^n underflows: draw directly
-        return float(np.random.binomial(n, p)), s0, s1
-    cdf = pmf
-    ratio = p / q
-    k = 0
-    while u >= cdf and k < n:
-        k += 1
-        pmf *= (n - k + 1) / k * ratio
-        cdf += pmf
-    return float(k), s0, s1
+    return _invert(n, p, (1.0 - p) ** n, _unit(r)), s0, s1
 
 
 @_njit()
@@ -594,13 +591,13 @@ def sparse_logits(module, block, groups: np.ndarray) -> np.ndarray | None:
     """
     if module.encoder.weight.device.type != "cpu":
         return None
-    from ._module import MAX_Z, TARGET_SUM
+    from ._module import MAX_Z, TARGET_SUM, unit_rows
 
     with torch.no_grad():
         w = module.encoder.weight.detach().double()
         cosine = module.classifier != "linear"
         if cosine:
-            w = w / w.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+            w = unit_rows(w)
         weight_t = np.ascontiguousarray(w.numpy().T)
         n_groups, n_genes = module.group_mean.shape
         if module.standardize:

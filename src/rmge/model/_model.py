@@ -27,7 +27,7 @@ from rmge._constants import COUNTS, LOG_NORMALIZED, REGISTRY_KEYS, UNKNOWN_LABEL
 from rmge._validation import check_nonnegative_finite, detect_value_kind
 
 from ._kernels import library_proportions, log_norm_sums, sparse_logits
-from ._module import N_QUANTILES, RMGEModule
+from ._module import N_QUANTILES, RMGEModule, unit_rows
 from ._trainingplan import MinibatchSource, RMGEDataSplitter, RMGETrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -1017,7 +1017,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         """
         w = self.module.encoder.weight.detach().cpu()
         if self.module.classifier == "cosine":
-            w = w / w.norm(dim=1, keepdim=True).clamp(min=1e-8)
+            w = unit_rows(w)
         w = w.numpy().T
         return pd.DataFrame(w, index=self.adata.var_names.copy(), columns=self.classes_)
 

@@ -21,6 +21,11 @@ TARGET_SUM = 1e4
 MAX_Z = 10.0
 
 
+def unit_rows(w: torch.Tensor) -> torch.Tensor:
+    """Rows of ``w`` divided by their Euclidean norm (norms below ``1e-8`` count as ``1e-8``)."""
+    return w / w.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+
+
 class Discriminator(nn.Module):
     """Small MLP that tells reference from spatial cells by their class-probability vectors."""
 
@@ -179,7 +184,7 @@ class RMGEModule(BaseModuleClass):
         if init_metagenes is not None:
             with torch.no_grad():
                 w = torch.as_tensor(init_metagenes, dtype=torch.float32)
-                self.encoder.weight.copy_(w / w.norm(dim=1, keepdim=True).clamp(min=1e-8))
+                self.encoder.weight.copy_(unit_rows(w))
         # post-hoc temperatures fitted on held-out reference cells (1 until calibrated): one for
         # spatial cells (fitted on reference cells thinned to the spatial depth), one for reference cells
         self.register_buffer("calibration_temperature", torch.ones(1))
@@ -188,7 +193,7 @@ class RMGEModule(BaseModuleClass):
         self.register_buffer("init_weight", self.encoder.weight.detach().clone())
         # standardised reference class centroids, unit norm (used by the novelty score)
         c = self.init_weight if centroids is None else torch.as_tensor(centroids, dtype=torch.float32)
-        self.register_buffer("centroids", c / c.norm(dim=1, keepdim=True).clamp(min=1e-8))
+        self.register_buffer("centroids", unit_rows(c))
         # log of the scale of cosine activities
         self.log_scale = nn.Parameter(torch.tensor([math.log(init_scale)]), requires_grad=classifier == "cosine")
         self.decoder = nn.Linear(n_labels, n_input)
@@ -205,8 +210,9 @@ class RMGEModule(BaseModuleClass):
         each gene's retention is scaled by its capture factor. Retention probabilities are capped
         at 1 (the reference is never made deeper). Drawn afresh at every call.
 
-        On CPU the binomial draws run in a compiled kernel that skips zero counts (exact, by inversion of
-        the cumulative distribution, seeded from torch's generator); elsewhere :func:`torch.binomial` draws them.
+        On CPU the binomial draws run in a compiled kernel that skips zero counts (exact: sums of Bernoulli
+        draws for counts up to 16, inversion of the cumulative distribution above; seeded from torch's
+        generator); elsewhere :func:`torch.binomial` draws them.
         """
         return thin_counts(x, self._thin_scale(x), self.gene_factor)
 
@@ -269,8 +275,7 @@ class RMGEModule(BaseModuleClass):
         x = x - x.mean(-1, keepdim=True)
         x = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
         w = self.encoder.weight if weight is None else weight
-        w = w / w.norm(dim=-1, keepdim=True).clamp(min=1e-8)
-        return self.log_scale.exp() * (x @ w.T)
+        return self.log_scale.exp() * (x @ unit_rows(w).T)
 
     @auto_move_data
     def inference(self, x: torch.Tensor, group: torch.Tensor, thin: bool = False) -> dict[str, torch.Tensor]:
@@ -330,8 +335,7 @@ class RMGEModule(BaseModuleClass):
             thin_scale=thin_scale,
             factor=self.gene_factor,
         )
-        w = self.encoder.weight
-        w = w / w.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        w = unit_rows(self.encoder.weight)
         scale = self.log_scale.exp()
         z = scale * ((x_clean if x_drop is None else x_drop) @ w.T)
         out = {"z": z, "x_norm": x_norm}
@@ -341,8 +345,7 @@ class RMGEModule(BaseModuleClass):
                 z_clean = z.detach().clone()
                 k = self.n_labels
                 if self.pseudo_label_agreement:
-                    w0 = self.init_weight / self.init_weight.norm(dim=-1, keepdim=True).clamp(min=1e-8)
-                    both = x_clean @ torch.cat([w.detach(), w0]).T
+                    both = x_clean @ torch.cat([w.detach(), unit_rows(self.init_weight)]).T
                     z_clean[rows] = scale.detach() * both[:, :k]
                     label_init = torch.full((x.shape[0],), -1, dtype=torch.long)
                     label_init[rows] = both[:, k:].argmax(-1)
@@ -390,7 +393,7 @@ class RMGEModule(BaseModuleClass):
             state_dict[key] = state_dict[prefix + "calibration_temperature"].clone()
         if prefix + "centroids" not in state_dict and prefix + "init_weight" in state_dict:
             w = state_dict[prefix + "init_weight"]
-            state_dict[prefix + "centroids"] = w / w.norm(dim=1, keepdim=True).clamp(min=1e-8)
+            state_dict[prefix + "centroids"] = unit_rows(w)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def loss(
