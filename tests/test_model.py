@@ -422,6 +422,17 @@ def test_sparse_and_dense_input(trained, synthetic_adata):
     assert agree >= 0.95
 
 
+def test_max_steps_inside_the_first_epoch(small_adata):
+    # training that ends before the first validation has nothing to stop early on: it must not fail
+    adata = small_adata.copy()
+    RMGEModel.setup_anndata(adata, labels_key=LABELS)
+    model = RMGEModel(adata)
+    model.train(max_steps=1, batch_size=8, **TRAIN_KWARGS)
+    # Lightning counts the model's and the discriminator's optimiser steps
+    assert model.is_trained_ and model.trainer.global_step == 2
+    assert np.isfinite(model.module.calibration_temperature.item())
+
+
 def test_original_preset_with_cells_thinned_to_zero():
     adata = make_adata(spatial_depth_ratio=0.0015, seed=1)
     depth = np.asarray(adata.X.sum(1)).ravel()

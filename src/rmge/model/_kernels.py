@@ -107,7 +107,7 @@ def _draw_fast(v, p, s0, s1):  # pragma: no cover - compiled
     if p >= 1.0:
         return float(n), s0, s1
     if n <= 16:
-        thr = _U64(p * 4294967296.0)
+        thr = _U64(np.int64(p * 4294967296.0))
         k = 0
         for t in range(0, n, 2):
             r, s0, s1 = _next(s0, s1)
@@ -119,24 +119,51 @@ def _draw_fast(v, p, s0, s1):  # pragma: no cover - compiled
     return _invert(n, p, (1.0 - p) ** n, _unit(r)), s0, s1
 
 
+@_njit(inline="always")
+def _thin_row(x, i, s, factor, nz, out, s0, s1):  # pragma: no cover - compiled
+    # row i of x thinned into row i of out. The non-zero columns are gathered first without a data-dependent
+    # branch; then each count's first four Bernoulli trials take the four 16-bit uniforms of one 64-bit draw
+    # (p resolved to 2^-16), compared without branches, and counts above four add the rest by _draw_fast
+    n_cols = x.shape[1]
+    m = 0
+    for j in range(n_cols):
+        out[i, j] = 0.0
+        nz[m] = j
+        m += x[i, j] > 0.0
+    for t in range(m):
+        j = nz[t]
+        p = min(s * factor[j], 1.0)
+        if p <= 0.0:
+            continue
+        n = int(x[i, j] + 0.5)
+        thr = _U64(np.int64(p * 65536.0))  # through int64: a float to uint64 conversion branches on x86
+        r, s0, s1 = _next(s0, s1)
+        k = 0
+        for b in range(4):
+            k += (((r >> _U64(16 * b)) & _U64(0xFFFF)) < thr) & (n > b)
+        if n > 4:
+            r, s0, s1 = _next(s0, s1)
+            for b in range(4):
+                k += (((r >> _U64(16 * b)) & _U64(0xFFFF)) < thr) & (n > b + 4)
+            if n > 8:
+                extra, s0, s1 = _draw_fast(float(n - 8), p, s0, s1)
+                k += int(extra)
+        out[i, j] = k
+    return s0, s1
+
+
 @_njit()
 def _thin_rows(x, scale, factor, rows, seed, out):  # pragma: no cover - compiled
     state = _seed_state(seed)
     s0, s1 = state[0], state[1]
     n_rows, n_cols = x.shape
+    nz = np.empty(n_cols, dtype=np.int64)
     for i in range(n_rows):
         if not rows[i]:
             for g in range(n_cols):
                 out[i, g] = x[i, g]
             continue
-        s = scale[i]
-        for g in range(n_cols):
-            v = x[i, g]
-            if v > 0.0:
-                k, s0, s1 = _draw_fast(v, s * factor[g], s0, s1)
-                out[i, g] = k
-            else:
-                out[i, g] = 0.0
+        s0, s1 = _thin_row(x, i, scale[i], factor, nz, out, s0, s1)
 
 
 def thin_counts(
@@ -203,18 +230,16 @@ def _cosine_rows(
     words = np.empty(n_words, dtype=np.uint64)
     u16 = words.view(np.uint16)
     lo, hi = np.float32(-max_z), np.float32(max_z)
+    nz = np.empty(n_cols, dtype=np.int64)
     for i in range(n_rows):
         # pass 1: thinning (rows with a positive scale), library size and largest count; the counts go to x_norm
         s_thin = thin_scale[i]
         lib = 0.0
         top = np.float32(0.0)
         if s_thin > 0.0:
+            s0, s1 = _thin_row(x, i, s_thin, factor, nz, x_norm, s0, s1)
             for j in range(n_cols):
-                v = x[i, j]
-                if v > 0.0:
-                    k, s0, s1 = _draw_fast(v, s_thin * factor[j], s0, s1)
-                    v = np.float32(k)
-                x_norm[i, j] = v
+                v = x_norm[i, j]
                 lib += v
                 top = max(top, v)
         else:

@@ -675,6 +675,8 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             Keyword arguments of :class:`~rmge.model.RMGEDataSplitter`.
         **trainer_kwargs
             Keyword arguments of :class:`scvi.train.Trainer` (e.g. ``enable_progress_bar``, ``strategy``).
+            ``max_steps`` counts optimiser steps, as Lightning does: two per training step while the
+            discriminator is trained (``adversarial_weight > 0``).
             Data-parallel training on several devices: ``accelerator="gpu", devices=4, strategy="ddp"``
             (``"ddp"`` and its variants are run with ``find_unused_parameters=True``, which the discriminator's
             second update of each step needs); each process then takes its own share of every pass, and
@@ -720,6 +722,16 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         )
         if splitter.n_val == 0:
             early_stopping = False
+        max_steps = trainer_kwargs.get("max_steps")
+        if early_stopping and max_steps is not None and max_steps > 0:
+            epoch_steps = int(np.ceil(max(splitter.n_train, len(query_idx)) / batch_size))
+            if steps_per_epoch is not None:
+                epoch_steps = min(epoch_steps, steps_per_epoch)
+            # Lightning counts optimiser steps: two per training step while the discriminator is trained
+            if max_steps < epoch_steps * (2 if self.module.adversarial_weight > 0 else 1):
+                # training ends inside the first epoch, before any validation: nothing to stop early on
+                logger.info("`max_steps` ends training before the first validation; early stopping is off.")
+                early_stopping = False
         plan_kwargs = {**getattr(self, "_plan_defaults", {}), **(plan_kwargs or {})}
         training_plan = self._training_plan_cls(self.module, **plan_kwargs)
         # early stopping watches the total validation loss once the pseudo-label weight has fully ramped up

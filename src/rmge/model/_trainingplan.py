@@ -390,6 +390,7 @@ class RMGETrainingPlan(TrainingPlan):
         inference_outputs, _, loss_output = self.forward(
             tensors,
             inference_kwargs={"thin": True},
+            generative_kwargs={"materialize": False},
             loss_kwargs={"pseudo_label_weight": self._pseudo_label_weight()},
         )
         return tensors, inference_outputs, loss_output
