@@ -122,8 +122,9 @@ def _draw_fast(v, p, s0, s1):  # pragma: no cover - compiled
 @_njit(inline="always")
 def _thin_row(x, i, s, factor, nz, out, s0, s1):  # pragma: no cover - compiled
     # row i of x thinned into row i of out. The non-zero columns are gathered first without a data-dependent
-    # branch; then each count's first four Bernoulli trials take the four 16-bit uniforms of one 64-bit draw
-    # (p resolved to 2^-16), compared without branches, and counts above four add the rest by _draw_fast
+    # branch; then a count's first four Bernoulli trials take the four 16-bit uniforms of one 64-bit draw (p
+    # resolved to 2^-16), compared without branches, trials five to eight those of a second draw, and counts
+    # above eight add the rest by _draw_fast
     n_cols = x.shape[1]
     m = 0
     for j in range(n_cols):
@@ -171,11 +172,12 @@ def thin_counts(
 ) -> torch.Tensor:
     """Binomially thin counts: entry ``(i, g)`` becomes ``Binomial(x[i, g], min(scale[i] * factor[g], 1))``.
 
-    On CPU a compiled kernel (numba) walks the counts once, skipping zeros, and draws each entry by
-    inversion of the cumulative distribution: one uniform number (xoroshiro128+) per non-zero entry;
-    with thinning probabilities of a few percent nearly every draw ends after one or two steps. Its
-    seed comes from torch's generator, so ``torch.manual_seed`` makes the draws reproducible.
-    Elsewhere (GPU), :func:`torch.binomial` draws them.
+    On CPU a compiled kernel (numba) gathers the non-zero counts of a row and draws each as a sum of
+    Bernoulli trials: up to eight trials compared without branches against 16-bit uniform numbers
+    (xoroshiro128+, four per 64-bit draw; the probability resolved to 2^-16), the trials of counts up
+    to 16 against 32-bit ones, and larger counts by inversion of the cumulative distribution. Its seed
+    comes from torch's generator, so ``torch.manual_seed`` makes the draws reproducible. Elsewhere
+    (GPU), :func:`torch.binomial` draws them.
 
     Parameters
     ----------

@@ -224,9 +224,10 @@ class RMGEModule(BaseModuleClass):
         each gene's retention is scaled by its capture factor. Retention probabilities are capped
         at 1 (the reference is never made deeper). Drawn afresh at every call.
 
-        On CPU the binomial draws run in a compiled kernel that skips zero counts (exact: sums of Bernoulli
-        draws for counts up to 16, inversion of the cumulative distribution above; seeded from torch's
-        generator); elsewhere :func:`torch.binomial` draws them.
+        On CPU the binomial draws run in a compiled kernel that skips zero counts (sums of Bernoulli
+        trials for counts up to 16, the first eight against 16-bit uniforms, inversion of the cumulative
+        distribution above; seeded from torch's generator; see :func:`rmge.model._kernels.thin_counts`);
+        elsewhere :func:`torch.binomial` draws them.
         """
         return thin_counts(x, self._thin_scale(x), self.gene_factor)
 
