@@ -397,6 +397,57 @@ def test_predict_new_anndata(trained):
     np.testing.assert_allclose(z, model.get_latent_representation(indices=idx), atol=1e-5)
 
 
+def test_spatial_composition_estimates_the_true_shares(trained):
+    model, adata = trained
+    comp = model.spatial_composition()
+    assert list(comp.index) == model.classes_ and comp.sum() == pytest.approx(1.0)
+    truth = adata.obs[TRUTH].to_numpy()[spatial_indices(adata)].astype(str)
+    shares = pd.Series(truth).value_counts(normalize=True).reindex(model.classes_).fillna(0.0)
+    np.testing.assert_allclose(comp.to_numpy(), shares.to_numpy(), atol=0.05)
+
+
+def test_cells_without_counts_get_the_spatial_composition(trained):
+    model, adata = trained
+    idx = spatial_indices(adata)[:40]
+    X = sp.csr_matrix(adata.X[idx]).tolil()
+    X[:8] = 0
+    new = ad.AnnData(
+        X=X.tocsr(), obs=pd.DataFrame({"domain": "spatial"}, index=adata.obs_names[idx].copy()), var=adata.var[[]]
+    )
+    with pytest.warns(UserWarning, match="8 cell\\(s\\) have no counts over the model's genes"):
+        probs = model.predict(new, soft=True).to_numpy()
+    comp = model.spatial_composition().to_numpy()
+    np.testing.assert_allclose(probs[:8], np.tile(comp, (8, 1)), atol=1e-7)
+    # the other cells are predicted as before
+    np.testing.assert_allclose(probs[8:], model.predict(indices=idx[8:], soft=True).to_numpy(), atol=1e-6)
+    with pytest.warns(UserWarning, match="no counts"):
+        labels = model.predict(new, novelty_threshold=2.0)
+        unsure = model.predict(new, unknown_threshold=comp.max() + 0.01)
+    assert (labels[:8] == model.classes_[int(comp.argmax())]).all()
+    assert (unsure[:8] == "Unknown").all()
+    scores = model.novelty_score(new)
+    assert scores.iloc[:8].isna().all() and scores.iloc[8:].notna().all()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [("negative", "negative values"), ("nan", "non-finite"), ("log", "look log-normalised")],
+)
+def test_new_anndata_values_are_checked(trained, change, message):
+    model, adata = trained
+    idx = spatial_indices(adata)[:300]
+    X = sp.csr_matrix(adata.X[idx], dtype=np.float32)
+    if change == "negative":
+        X.data[0] = -1.0
+    elif change == "nan":
+        X.data[0] = np.nan
+    else:
+        X.data = np.log1p(X.data * 3.7)
+    new = ad.AnnData(X=X, obs=pd.DataFrame({"domain": "spatial"}, index=adata.obs_names[idx].copy()), var=adata.var[[]])
+    with pytest.raises(ValueError, match=message):
+        model.predict(new)
+
+
 # ------------------------------------------------------------------ reproducibility and input formats
 
 

@@ -58,6 +58,11 @@ def test_smoothing_formula_on_a_line():
     expected = 0.75 * p + 0.25 * p[[1, 0, 1]]
     np.testing.assert_allclose(out, expected)
     assert isinstance(out, np.ndarray)
+    # a cell to fill takes its neighbours' probabilities alone; the others are smoothed as before
+    filled = smooth_probabilities(adata, p, spatial_key="xy", n_neighbors=1, alpha=0.25, fill=np.array([0, 0, 1], bool))
+    np.testing.assert_allclose(filled, np.vstack([expected[:2], p[1]]))
+    with pytest.raises(ValueError, match="`fill` must be a boolean mask with one entry per row"):
+        smooth_probabilities(adata, p, spatial_key="xy", fill=np.array([1, 0]))
 
 
 def test_sections_are_smoothed_apart():

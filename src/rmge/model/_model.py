@@ -403,7 +403,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         obs[_GROUP_COL] = pd.Categorical(group)
 
     @staticmethod
-    def _validate_values(adata: AnnData, X, layer: str | None) -> None:
+    def _validate_values(adata: AnnData, X, layer: str | None, allow_empty: bool = False) -> None:
         where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
         if X.shape[1] == 0:
             raise ValueError(f"{where} has no genes.")
@@ -411,6 +411,8 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         is_ref = (adata.obs[_DOMAIN_COL] == _REFERENCE).to_numpy()
         for name, mask in (("reference", is_ref), ("spatial", ~is_ref)):
             rows = np.flatnonzero(mask)
+            if not len(rows):
+                continue
             kind = detect_value_kind(X[rows[: min(len(rows), 5_000)]])
             if kind == LOG_NORMALIZED:
                 raise ValueError(
@@ -418,6 +420,8 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
                     "counts. Pass raw counts (e.g. `layer='counts'`), or build the AnnData with rmge.pp.prepare, "
                     "which converts log-normalised input back with expm1."
                 )
+        if allow_empty:
+            return
         if sp.issparse(X) or isinstance(X, np.ndarray):
             lib = np.asarray(X.sum(axis=1)).ravel()
         else:
@@ -452,6 +456,10 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
                 raise ValueError(
                     self._gene_mismatch_message(np.asarray(self.adata.var_names), np.asarray(adata.var_names))
                 )
+            # the values of a new AnnData pass the checks of setup_anndata, except that cells without counts are
+            # allowed (predict() gives them the spatial composition)
+            layer = args.get("layer")
+            self._validate_values(adata, adata.layers[layer] if layer is not None else adata.X, layer, True)
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     @staticmethod
@@ -752,6 +760,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             devices=devices,
             **trainer_kwargs,
         )
+        self._composition = None
         out = runner()
         if calibrate and splitter.n_val > 0:
             self.calibrate()
@@ -787,6 +796,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         ``reference_calibration_temperature``) and saved with the model.
         """
         self._check_if_trained(warn=False)
+        self._composition = None
         if indices is None:
             indices = getattr(self, "validation_indices", None)
         if indices is None or len(indices) == 0:
@@ -836,7 +846,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
 
     @torch.inference_mode()
     def _forward_all(self, adata=None, indices=None, batch_size: int | None = None):
-        """Metagene activities and query flags of the cells, computed block by block without densifying the data.
+        """Metagene activities, query flags and empty-cell flags of the cells, block by block without densifying.
 
         On CPU the activities come from the non-zero counts alone (:func:`rmge.model._kernels.sparse_logits`),
         checked against :meth:`RMGEModule.inference` on the first cells; elsewhere (or should the check fail)
@@ -851,9 +861,10 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         batch_size = batch_size or 2048
         self.module.eval()
         use_sparse = self.module.encoder.weight.device.type == "cpu"
-        zs = []
+        zs, empty = [], []
         for r, block in _row_blocks(X, rows, dtype=None):
             g = groups[r]
+            empty.append(np.asarray(block.sum(axis=1)).ravel() <= 0)
             z = sparse_logits(self.module, block, g) if use_sparse else None
             if z is not None and not zs:
                 # guard: the sparse path must reproduce the module's own forward pass
@@ -864,8 +875,8 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
                     use_sparse, z = False, None
             zs.append(torch.from_numpy(z) if z is not None else self._dense_logits(block, g, batch_size))
         if not zs:
-            return adata, torch.zeros((0, len(self.classes_))), torch.zeros(0, dtype=torch.bool)
-        return adata, torch.cat(zs), torch.from_numpy(domain[rows] == 1)
+            return adata, torch.zeros((0, len(self.classes_))), torch.zeros(0, dtype=torch.bool), np.zeros(0, bool)
+        return adata, torch.cat(zs), torch.from_numpy(domain[rows] == 1), np.concatenate(empty)
 
     def _obs_names(self, adata, indices):
         names = adata.obs_names
@@ -908,7 +919,10 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         Labels (``np.ndarray`` of str), or with ``soft=True`` a DataFrame cells × reference types whose rows sum to 1.
         Probabilities are the softmax of the metagene activities divided by the calibration temperature
         fitted after training (:meth:`calibrate`): the spatial one for spatial cells, the reference one
-        for reference cells.
+        for reference cells. Cells of a new AnnData without a single count over the model's genes carry
+        no evidence: they get the spatial composition (:meth:`spatial_composition`, the prior) as
+        probabilities, hence its most frequent type as label (``"Unknown"`` with an ``unknown_threshold``
+        above its share; never by the novelty score, which they do not have), with a warning.
         """
         self._check_if_trained(warn=False)
         if unknown_threshold is not None and not 0 <= unknown_threshold <= 1:
@@ -918,11 +932,22 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
                 f"`novelty_threshold` must be a positive number of robust standard deviations (e.g. 2), "
                 f"got {novelty_threshold}."
             )
-        adata, z, is_query = self._forward_all(adata, indices, batch_size)
+        adata, z, is_query, empty = self._forward_all(adata, indices, batch_size)
         # the learned spatial temperature serves the discriminator during training; predicted
         # probabilities use the calibration temperature alone (measured to be better calibrated)
         dev = self.module.temperature.device
         probs = self.module.probabilities(z.to(dev), is_query.to(dev), calibrated=True).cpu().numpy()
+        if empty.any():
+            # a cell without counts carries no evidence: its probabilities are the prior, the spatial composition
+            warnings.warn(
+                f"{int(empty.sum())} cell(s) have no counts over the model's genes; they get the spatial "
+                "composition (`model.spatial_composition()`) as probabilities. With spatial coordinates, "
+                "`rmge.tl.smooth_probabilities(..., fill=<mask of these cells>)` gives them their neighbours' instead.",
+                UserWarning,
+                stacklevel=2,
+            )
+            probs = probs.copy()
+            probs[empty] = self.spatial_composition().to_numpy()
         classes = np.asarray(self.classes_, dtype=object)
         if soft:
             return pd.DataFrame(probs, index=self._obs_names(adata, indices), columns=classes)
@@ -933,19 +958,22 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             labels = labels.copy()
             labels[probs.max(1) < unknown_threshold] = UNKNOWN_LABEL
         if novelty_threshold is not None:
-            scores = self._novelty(adata, indices, probs.argmax(1), is_query.numpy(), batch_size=batch_size)
+            scores = self._novelty(adata, indices, probs.argmax(1), is_query.numpy(), empty, batch_size=batch_size)
             labels = labels.copy()
             labels[scores < -novelty_threshold] = UNKNOWN_LABEL
         return labels
 
-    def _novelty(self, adata, indices, codes, is_query, batch_size=None, **kwargs) -> np.ndarray:
-        """Novelty scores of the cells ``indices`` of a validated ``adata``, each domain on its own."""
+    def _novelty(self, adata, indices, codes, is_query, empty, batch_size=None, **kwargs) -> np.ndarray:
+        """Novelty scores of the cells ``indices`` of a validated ``adata``, each domain on its own.
+
+        Cells without counts (``empty``) have no profile to compare: they score NaN and take no part in the others'.
+        """
         from ._novelty import novelty_scores
 
         rows = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
-        scores = np.zeros(len(rows))
+        scores = np.full(len(rows), np.nan)
         for domain in (True, False):
-            sel = np.flatnonzero(is_query == domain)
+            sel = np.flatnonzero((is_query == domain) & ~empty)
             if len(sel):
                 scores[sel] = novelty_scores(
                     self, adata, rows[sel], codes[sel], batch_size=batch_size or 2048, **kwargs
@@ -992,11 +1020,48 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         self._check_if_trained(warn=False)
         if int(n_neighbors) < 1:
             raise ValueError(f"`n_neighbors` must be at least 1, got {n_neighbors}.")
-        adata, z, is_query = self._forward_all(adata, indices, batch_size)
+        adata, z, is_query, empty = self._forward_all(adata, indices, batch_size)
         scores = self._novelty(
-            adata, indices, z.argmax(1).numpy(), is_query.numpy(), batch_size, n_neighbors=int(n_neighbors), n_pcs=n_pcs
+            adata,
+            indices,
+            z.argmax(1).numpy(),
+            is_query.numpy(),
+            empty,
+            batch_size,
+            n_neighbors=int(n_neighbors),
+            n_pcs=n_pcs,
         )
         return pd.Series(scores, index=self._obs_names(adata, indices), name="rmge_novelty")
+
+    @torch.inference_mode()
+    def spatial_composition(self, batch_size: int | None = None) -> pd.Series:
+        """Estimated share of each reference type among the spatial cells the model was set up with.
+
+        The mean of the calibrated probabilities (:meth:`predict` with ``soft=True``) of those cells, an
+        unbiased estimate of the composition when the probabilities are calibrated. :meth:`predict` gives it
+        as the probabilities of cells without counts (they carry no evidence, so the prior is their
+        posterior). Computed once per trained state (the cache is cleared by :meth:`train` and
+        :meth:`calibrate`).
+
+        Parameters
+        ----------
+        batch_size
+            Minibatch size of inference.
+
+        Returns
+        -------
+        Proportions indexed by type, summing to 1.
+        """
+        self._check_if_trained(warn=False)
+        cached = getattr(self, "_composition", None)
+        if cached is None:
+            domain = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.DOMAIN_KEY)).ravel()
+            _, z, is_query, _ = self._forward_all(None, np.flatnonzero(domain == 1), batch_size)
+            dev = self.module.temperature.device
+            probs = self.module.probabilities(z.to(dev), is_query.to(dev), calibrated=True).cpu().double()
+            mean = probs.mean(0).numpy() if len(probs) else np.full(len(self.classes_), 1.0 / len(self.classes_))
+            cached = self._composition = pd.Series(mean / mean.sum(), index=list(self.classes_), name="composition")
+        return cached.copy()
 
     @torch.inference_mode()
     def get_latent_representation(
@@ -1017,7 +1082,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             Minibatch size of inference.
         """
         self._check_if_trained(warn=False)
-        _, z, _ = self._forward_all(adata, indices, batch_size)
+        _, z, _, _ = self._forward_all(adata, indices, batch_size)
         return z.numpy()
 
     def get_metagenes(self) -> pd.DataFrame:

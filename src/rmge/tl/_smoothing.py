@@ -72,13 +72,15 @@ def smooth_probabilities(
     alpha: float = 0.25,
     batch_key: str | None = None,
     n_iterations: int = 1,
+    fill=None,
 ):
     """Smooth predicted class probabilities over each cell's spatial neighbours.
 
     Each cell's probabilities become ``(1 - alpha) * p + alpha * mean(p of its n_neighbors nearest
-    cells)``, so rows still sum to 1. Neighbours are found on ``adata.obsm[spatial_key]`` with
-    scikit-learn's nearest-neighbour search, within each section of ``adata.obs[batch_key]``; the
-    graph is sparse (``n_neighbors`` entries per cell).
+    cells)``, so rows still sum to 1; the cells in ``fill`` take their neighbours' mean alone.
+    Neighbours are found on ``adata.obsm[spatial_key]`` with scikit-learn's nearest-neighbour search,
+    within each section of ``adata.obs[batch_key]``; the graph is sparse (``n_neighbors`` entries per
+    cell).
 
     Parameters
     ----------
@@ -100,6 +102,11 @@ def smooth_probabilities(
         neighbours. Needed when sections share a coordinate frame.
     n_iterations
         Number of times the smoothing is applied (each pass reaches one ring of neighbours further).
+    fill
+        Boolean mask, one entry per row of ``probabilities``, of cells whose own probabilities carry no
+        evidence, e.g. bins without counts (``np.asarray(adata.X.sum(axis=1)).ravel() == 0``), to which
+        :meth:`RMGEModel.predict <rmge.RMGEModel.predict>` gives the spatial composition: they take the
+        mean of their neighbours' probabilities (weight 1 instead of ``alpha``). ``None``: no such cells.
 
     Returns
     -------
@@ -158,6 +165,15 @@ def smooth_probabilities(
             "e.g. model.predict(soft=True), not scores or logits."
         )
 
+    if fill is None:
+        fill = np.zeros(len(P), dtype=bool)
+    else:
+        fill = np.asarray(fill)
+        if fill.dtype != bool or fill.shape != (len(P),):
+            raise ValueError(
+                f"`fill` must be a boolean mask with one entry per row of `probabilities` ({len(P)}), got "
+                f"{fill.dtype} of shape {fill.shape}."
+            )
     coords = coords_all[rows].astype(np.float64)
     located = np.all(np.isfinite(coords), axis=1)
     if len(rows) and not located.any():
@@ -166,14 +182,15 @@ def smooth_probabilities(
             "spatial cells' positions."
         )
     out = P.copy()
-    if alpha > 0 and located.any():
+    if (alpha > 0 or fill.any()) and located.any():
         sel = np.flatnonzero(located)
         sections = adata.obs[batch_key].to_numpy()[rows[sel]] if batch_key is not None else None
         A = spatial_neighbors(coords[sel], n_neighbors=n_neighbors, sections=sections)
         has_nbr = np.diff(A.indptr) > 0
+        weight = np.where(fill[sel], 1.0, alpha)[:, None]
         Q = P[sel]
         for _ in range(n_iterations):
-            Q = np.where(has_nbr[:, None], (1 - alpha) * Q + alpha * (A @ Q), Q)
+            Q = np.where(has_nbr[:, None], (1 - weight) * Q + weight * (A @ Q), Q)
         out[sel] = Q / Q.sum(axis=1, keepdims=True)
     if is_frame:
         return pd.DataFrame(out, index=probabilities.index, columns=probabilities.columns)
