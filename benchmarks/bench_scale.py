@@ -238,6 +238,11 @@ def job(path: Path, out_json: Path, threads: int, train_kwargs: dict, tmp: Path)
     labels = phase("predict", model.predict)
     rec["predict_throughput"] = adata.n_obs / phases["predict"]
     rec["predict_throughput_cpu"] = adata.n_obs / cpu["predict"]
+    # the spatial bins alone (what a chip's prediction costs; reference cells hold five times more counts)
+    spatial_rows = np.flatnonzero((adata.obs["domain"] == "spatial").to_numpy())
+    phase("predict_spatial", lambda: model.predict(indices=spatial_rows))
+    rec["predict_spatial_throughput"] = len(spatial_rows) / phases["predict_spatial"]
+    rec["predict_spatial_throughput_cpu"] = len(spatial_rows) / cpu["predict_spatial"]
     latent = phase("latent", model.get_latent_representation)
     is_sp = (adata.obs["domain"] == "spatial").to_numpy()
     rec["spatial_accuracy"] = float((labels[is_sp] == adata.obs["truth"].to_numpy()[is_sp].astype(str)).mean())
@@ -316,7 +321,8 @@ def report(records: list[dict], out_md: Path, plot: Path | None) -> None:
     columns = [
         "spatial bins", "version", "threads", "input MiB", "peak RSS MiB (target)", "setup s", "init s",
         "train s (steps)", "train s to the default stop", "calibrate s", "predict s", "latent s", "write s",
-        "train cells/s (CPU)", "limit cells/s (CPU)", "fraction of limit", "predict cells/s", "spatial accuracy",
+        "train cells/s (CPU)", "limit cells/s (CPU)", "fraction of limit", "predict cells/s",
+        "predict spatial cells/s", "spatial accuracy",
     ]  # fmt: skip
     rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in sorted(records, key=lambda r: (r.get("label", ""), r["threads"], r["n_spatial"])):
@@ -340,6 +346,7 @@ def report(records: list[dict], out_md: Path, plot: Path | None) -> None:
             f"{lim:,.0f} ({lim_cpu:,.0f})" if lim else "-",
             f"{r['train_throughput'] / lim:.2f}" if lim else "-",
             f"{r['predict_throughput']:,.0f}",
+            f"{r['predict_spatial_throughput']:,.0f}" if "predict_spatial_throughput" in r else "-",
             f"{r['spatial_accuracy']:.3f}",
         ]
         rows.append("| " + " | ".join(cells) + " |")
@@ -355,7 +362,7 @@ def report(records: list[dict], out_md: Path, plot: Path | None) -> None:
             group = sorted(group, key=lambda r: r["n_spatial"])
             n = [r["n_spatial"] for r in group]
             name = f"{label} ({threads} thread{'s' if threads > 1 else ''})".strip()
-            other = [sum(v for k, v in r["phases_s"].items() if k != "train") for r in group]
+            other = [sum(v for k, v in r["phases_s"].items() if k not in ("train", "predict_spatial")) for r in group]
             axes[0].plot(n, other, "o-", label=name)
             axes[1].plot(n, [default_train_seconds(r)[0] for r in group], "o-", label=name)
             axes[2].plot(n, [r["peak_rss_mb"] / 1024 for r in group], "o-", label=name)
@@ -378,14 +385,21 @@ def default_train_seconds(r: dict) -> tuple[float, bool]:
     """Training seconds to rmge's default stopping point: measured, or projected from the measured throughput.
 
     Runs capped below the default (``--max-epochs``/``--limit-batches``) are projected with the rule of the
-    code they ran (before the epoch cap): ``clip(round(6000 / ceil(max(reference, spatial) / 256)), 20, 200)``
-    epochs of one pass each, a pass being ``ceil(max(0.9 reference, spatial) / 256)`` steps (10 % of the
-    reference cells are held out).
+    code they ran: ``clip(round(6000 / s), 20, 200)`` epochs of ``s = min(ceil(max(reference, spatial) /
+    256), 300)`` steps; for the runs labelled ``before`` (the code before the epoch cap),
+    ``clip(round(6000 / ceil(max(reference, spatial) / 256)), 20, 200)`` epochs of one pass each, a pass
+    being ``ceil(max(0.9 reference, spatial) / 256)`` steps (10 % of the reference cells are held out).
     """
     if not r.get("capped"):
         return r["phases_s"]["train"], False
-    epochs = int(np.clip(round(6000 / np.ceil(max(r["n_reference"], r["n_spatial"]) / BATCH)), 20, 200))
-    steps = int(np.ceil(max(0.9 * r["n_reference"], r["n_spatial"]) / BATCH))
+    per_pass = int(np.ceil(max(r["n_reference"], r["n_spatial"]) / BATCH))
+    if r.get("label") == "before":
+        epochs = int(np.clip(round(6000 / per_pass), 20, 200))
+        steps = int(np.ceil(max(0.9 * r["n_reference"], r["n_spatial"]) / BATCH))
+    else:
+        # the current rule: epochs of at most 300 steps, about 6,000 steps in all
+        steps = min(per_pass, 300)
+        epochs = int(np.clip(round(6000 / steps), 20, 200))
     return epochs * steps * 2 * BATCH / r["train_throughput"], True
 
 
@@ -448,8 +462,9 @@ def main() -> None:
                 print(f"generated {path.name} in {time.perf_counter() - t:.0f} s", flush=True)
             for threads in (int(s) for s in a.threads.split(",")):
                 stem = f"{a.label or 'rmge'}_t{threads}_sp{n}"
-                lim_json = a.results / f"limit_t{threads}_sp{n}.json"
-                _run([*me, "--child", "limit", "--path", str(path), "--json", str(lim_json), "--threads",
+                # the limit loop runs just before and just after the job; their mean is the job's limit
+                lim_jsons = [a.results / f"limit_t{threads}_sp{n}_{when}.json" for when in ("before", "after")]
+                _run([*me, "--child", "limit", "--path", str(path), "--json", str(lim_jsons[0]), "--threads",
                       str(threads), "--limit-steps", str(a.limit_steps)])  # fmt: skip
                 job_json = a.results / f"{stem}.json"
                 cmd = [*me, "--child", "job", "--path", str(path), "--json", str(job_json), "--threads", str(threads)]
@@ -461,11 +476,15 @@ def main() -> None:
                     if value is not None:
                         cmd += [flag, str(value)]
                 _run(cmd)
+                _run([*me, "--child", "limit", "--path", str(path), "--json", str(lim_jsons[1]), "--threads",
+                      str(threads), "--limit-steps", str(a.limit_steps)])  # fmt: skip
                 rec = json.loads(job_json.read_text())
                 rec["label"] = a.label
                 rec["capped"] = any(v is not None for v in (a.max_epochs, a.steps_per_epoch, a.limit_batches))
-                lim = json.loads(lim_json.read_text())
-                rec["limit_throughput"], rec["limit_throughput_cpu"] = lim["throughput"], lim["throughput_cpu"]
+                lims = [json.loads(f.read_text()) for f in lim_jsons]
+                rec["limit_throughput"] = float(np.mean([lim["throughput"] for lim in lims]))
+                rec["limit_throughput_cpu"] = float(np.mean([lim["throughput_cpu"] for lim in lims]))
+                rec["limit_throughputs"] = [lim["throughput"] for lim in lims]
                 job_json.write_text(json.dumps(rec, indent=2))
     records = [json.loads(f.read_text()) for f in sorted(a.results.glob("*_sp*.json")) if "phases_s" in f.read_text()]
     out = a.out or a.results / "scale.md"

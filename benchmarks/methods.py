@@ -299,19 +299,21 @@ def _rmge(reference, query, labels_key, original, seed=0, max_epochs=None, **opt
     model = rmge.RMGEModel(adata, **(dict(rmge.RMGEModel.ORIGINAL) if original else {}))
     model.train(**({} if max_epochs is None else {"max_epochs": max_epochs}))
     soft = model.predict(indices=q_idx, soft=True)
-    # prepare() drops query cells without a single count over the used genes; they get no label
-    # (scored as errors) and uniform probabilities, so that every method is scored on the same cells.
+    # prepare() drops query cells without a single count over the used genes; as predict() does for such
+    # cells of a new AnnData, they get the spatial composition (the prior) as probabilities, so that every
+    # method is scored on the same cells.
     obs = adata.obs.iloc[q_idx]
     names = obs["original_obs_name"] if "original_obs_name" in obs else obs.index
     soft = pd.DataFrame(np.asarray(soft), index=pd.Index(names.astype(str)), columns=soft.columns)
     soft = soft.reindex(query.obs_names.astype(str))
     missing = soft.isna().any(axis=1).to_numpy()
+    if missing.any():
+        soft.loc[missing] = np.tile(model.spatial_composition().reindex(soft.columns).to_numpy(), (missing.sum(), 1))
     proba = _proba_frame(soft.to_numpy(), soft.columns, query.obs_names)
     labels = _argmax_labels(proba)
-    labels[missing] = None
     RUN_INFO["impl"] = f"rmge {_version('rmge')}" + (" (ORIGINAL preset)" if original else "")
     if missing.any():
-        RUN_INFO["impl"] += f"; {int(missing.sum())} empty query cells dropped by prepare (scored as errors)"
+        RUN_INFO["impl"] += f"; {int(missing.sum())} query cells without counts: spatial composition"
     return labels, proba
 
 

@@ -539,10 +539,12 @@ def _target_sum() -> float:
 @_njit(fastmath=True)
 def _encode_rows(
     data, indices, indptr, groups, target_sum, params, weight_t, zero_w, zero_sum, zero_sq, max_z, standardize,
-    out_w, out_sum, out_sq,
+    cosine, w_sum, log_scale, bias, out,
 ):  # pragma: no cover - compiled  # fmt: skip
     n_rows = len(indptr) - 1
     n_out = weight_t.shape[1]
+    n_genes = weight_t.shape[0]
+    n_types = out.shape[1]
     # products with the metagenes accumulate in float32 (as the module's own matrix product), in a loop that
     # vectorises; sums and sums of squares of the profile in float64
     acc = np.zeros(n_out, dtype=np.float32)
@@ -585,10 +587,15 @@ def _encode_rows(
             w = weight_t[col]
             for k in range(n_out):
                 acc[k] += d32 * w[k]
-        for k in range(n_out):
-            out_w[i, k] = zero_w[g, k] + acc[k]
-        out_sum[i] = acc_sum
-        out_sq[i] = acc_sq
+        if cosine:
+            # centre the profile on its mean over genes, then divide by the norm of the centred profile
+            mu = acc_sum / n_genes
+            inv = log_scale / max(np.sqrt(max(acc_sq - n_genes * mu * mu, 0.0)), 1e-6)
+            for k in range(n_types):
+                out[i, k] = (zero_w[g, k] + acc[k] - mu * w_sum[k]) * inv
+        else:
+            for k in range(n_types):
+                out[i, k] = zero_w[g, k] + acc[k] + bias[k]
 
 
 def sparse_logits(module, block, groups: np.ndarray) -> np.ndarray | None:
@@ -649,12 +656,10 @@ def sparse_logits(module, block, groups: np.ndarray) -> np.ndarray | None:
     zero_w[:, :n_out] = zero @ weight_t
     zero_sum, zero_sq = zero.sum(1), (zero**2).sum(1)
     w_sum = weight_t.sum(0)
+    bias = np.zeros(n_out) if bias is None else np.ascontiguousarray(bias, dtype=np.float64)
     z = np.empty((n, n_out), dtype=np.float32)
 
     def rows(start: int, stop: int) -> None:
-        out_w = np.empty((stop - start, n_pad))
-        out_sum = np.empty(stop - start)
-        out_sq = np.empty(stop - start)
         _encode_rows(
             block.data,
             block.indices,
@@ -668,19 +673,12 @@ def sparse_logits(module, block, groups: np.ndarray) -> np.ndarray | None:
             zero_sq,
             float(MAX_Z),
             bool(module.standardize),
-            out_w,
-            out_sum,
-            out_sq,
+            cosine,
+            w_sum,
+            log_scale,
+            bias,
+            z[start:stop],
         )
-        out_w = out_w[:, :n_out]
-        if cosine:
-            # centre each profile on its mean over genes, then divide by the norm of the centred profile
-            mu = out_sum / n_genes
-            centred = out_w - mu[:, None] * w_sum[None, :]
-            norm = np.sqrt(np.maximum(out_sq - n_genes * mu**2, 0.0))
-            z[start:stop] = log_scale * centred / np.maximum(norm, 1e-6)[:, None]
-        else:
-            z[start:stop] = out_w + (bias if bias is not None else 0.0)
 
     # the kernel releases the GIL: row ranges run on torch's number of threads
     n_threads = max(1, min(torch.get_num_threads(), n // 4096))

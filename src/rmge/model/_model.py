@@ -55,9 +55,12 @@ def _read_rows(X, r: np.ndarray):
     if len(r) and r[-1] - r[0] + 1 == len(r) and (len(r) == 1 or bool(np.all(np.diff(r) == 1))):
         a, b = int(r[0]), int(r[-1]) + 1
         if sp.issparse(X) and X.format == "csr":
-            # a view on the in-memory arrays, without copying the block
+            # a view on the in-memory arrays, without copying the block. The arrays are set on an empty matrix:
+            # scipy's constructor would copy views smaller than half their base array (its `prune` step)
             lo, hi = X.indptr[a], X.indptr[b]
-            return sp.csr_matrix((X.data[lo:hi], X.indices[lo:hi], X.indptr[a : b + 1] - lo), shape=(b - a, X.shape[1]))
+            view = sp.csr_matrix((b - a, X.shape[1]), dtype=X.dtype)
+            view.data, view.indices, view.indptr = X.data[lo:hi], X.indices[lo:hi], X.indptr[a : b + 1] - lo
+            return view
         return X[a:b]
     if isinstance(X, np.ndarray) or sp.issparse(X):
         return X[r]
