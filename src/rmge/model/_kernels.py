@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numba  # a dependency of scanpy
 import numpy as np
 import torch
-
-_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
-
-
-def _pool(n_threads: int) -> ThreadPoolExecutor:
-    """A thread pool of ``n_threads`` workers kept for the process (the kernels release the GIL).
-
-    Keyed by process id too: a process forked from one holding a pool (data-parallel training) inherits
-    the pool object but not its threads, and makes its own.
-    """
-    key = (os.getpid(), n_threads)
-    pool = _POOLS.get(key)
-    if pool is None:
-        pool = _POOLS[key] = ThreadPoolExecutor(n_threads, thread_name_prefix="rmge-kernel")
-    return pool
 
 
 def _njit(**kwargs):
@@ -236,10 +220,8 @@ def thin_counts(
 @_njit(fastmath=True)
 def _cosine_rows(
     x, groups, mean, inv_std, standardize, max_z, target_sum, thin_scale, factor, drop16, seed, clean_slot,
-    x_norm, x_drop, x_clean, first, stride,
+    x_norm, x_drop, x_clean,
 ):  # pragma: no cover - compiled  # fmt: skip
-    # rows first, first + stride, first + 2 stride...: each of `stride` threads takes every stride-th row (each
-    # gets its share of reference and spatial rows) and draws from its own stream
     state = _seed_state(seed)
     s0, s1 = state[0], state[1]
     n_rows, n_cols = x.shape
@@ -251,7 +233,7 @@ def _cosine_rows(
     u16 = words.view(np.uint16)
     lo, hi = np.float32(-max_z), np.float32(max_z)
     nz = np.empty(n_cols, dtype=np.int64)
-    for i in range(first, n_rows, stride):
+    for i in range(n_rows):
         # pass 1: thinning (rows with a positive scale), library size and largest count; the counts go to x_norm
         s_thin = thin_scale[i]
         lib = 0.0
@@ -387,7 +369,7 @@ def cosine_inputs(
     n_clean = int((slot >= 0).sum())
     want_clean = drop16 == 0 or not isinstance(clean, bool) or clean
     x_clean = np.empty((n_clean, m), dtype=np.float32)
-    args = (
+    _cosine_rows(
         xn,
         np.ascontiguousarray(groups.view(-1).cpu().numpy(), dtype=np.int64),
         np.ascontiguousarray(mean.detach().cpu().numpy(), dtype=np.float32),
@@ -398,14 +380,12 @@ def cosine_inputs(
         scale_np,
         factor_np,
         np.uint64(drop16),
+        seed,
+        slot,
+        x_norm,
+        x_drop,
+        x_clean,
     )
-    out = (slot, x_norm, x_drop, x_clean)
-    # the kernel releases the GIL: with several torch threads, each takes every n-th row on its own stream
-    n_threads = max(1, min(torch.get_num_threads(), n // 64))
-    if n_threads == 1:
-        _cosine_rows(*args, seed, *out, 0, 1)
-    else:
-        list(_pool(n_threads).map(lambda t: _cosine_rows(*args, seed + t, *out, t, n_threads), range(n_threads)))
     return (
         torch.from_numpy(x_norm),
         torch.from_numpy(x_drop) if drop16 > 0 else None,
