@@ -1,8 +1,8 @@
 """Calibration and unknown cells on the real Moffitt scRNA-seq -> MERFISH task.
 
 Part 1 (calibration): trains ``rmge.RMGEModel`` with its defaults ``--repeats`` times (seeds 0, 1, ...;
-each draws its own held-out reference cells), splits each model's held-out reference cells in two
-halves, refits the calibration on one half and scores the other (and the reverse), pools the
+each draws its own held-out reference cells), splits each model's held-out reference cells in
+``--folds`` parts, refits the calibration on all parts but one and scores that one (for each part), pools the
 predictions of all models and reports the expected calibration error (10 bins) of these reference
 cells (never used for any fit of the model scoring them) and of the MERFISH cells with truth,
 before calibration (temperature 1) and after.
@@ -47,8 +47,12 @@ def _train(reference, query, seed: int = 0):
     return model, adata, time.perf_counter() - t0
 
 
-def _calibration_run(task, seed: int) -> dict:
-    """One model: cross-fitted reference predictions (before/after) and MERFISH predictions (before/after)."""
+def _calibration_run(task, seed: int, folds: int = 10) -> dict:
+    """One model: cross-fitted reference predictions (before/after) and MERFISH predictions (before/after).
+
+    The held-out reference cells are split in ``folds`` parts; each part is scored with the temperatures
+    fitted on the others, so that the fit sees nearly as many cells as the model's own calibration.
+    """
     import torch
 
     query = task.query.copy()
@@ -59,7 +63,7 @@ def _calibration_run(task, seed: int) -> dict:
     truth = adata.obs["truth"].to_numpy()[q_idx]
     scored = pd.notna(truth)
     val = np.random.default_rng(seed).permutation(np.asarray(model.validation_indices))
-    halves = [np.sort(val[: len(val) // 2]), np.sort(val[len(val) // 2 :])]
+    parts_idx = [np.sort(p) for p in np.array_split(val, min(folds, len(val)))]
     module = model.module
     fitted = (float(module.calibration_temperature), float(module.reference_calibration_temperature))
 
@@ -72,12 +76,12 @@ def _calibration_run(task, seed: int) -> dict:
         module.reference_calibration_temperature.fill_(1.0)
     ref_before = model.predict(indices=np.sort(val), soft=True)
     sp_before = spatial_probs()
-    # after: two-fold cross-fitting, each half scored with the temperatures fitted on the other
+    # after: k-fold cross-fitting, each part scored with the temperatures fitted on the other parts
     parts, temps = [], []
-    for fit_on, score_on in ((0, 1), (1, 0)):
-        model.calibrate(indices=halves[fit_on])
+    for k, score_on in enumerate(parts_idx):
+        model.calibrate(indices=np.sort(np.concatenate([p for j, p in enumerate(parts_idx) if j != k])))
         temps.append((float(module.calibration_temperature), float(module.reference_calibration_temperature)))
-        parts.append(model.predict(indices=halves[score_on], soft=True))
+        parts.append(model.predict(indices=score_on, soft=True))
     ref_after = pd.concat(parts).loc[ref_before.index]
     model.calibrate()
     return {
@@ -93,10 +97,10 @@ def _calibration_run(task, seed: int) -> dict:
     }
 
 
-def calibration_part(task, repeats: int = 5) -> list[str]:
+def calibration_part(task, repeats: int = 5, folds: int = 10) -> list[str]:
     from rmge.tl import expected_calibration_error as ece
 
-    runs = [_calibration_run(task, seed) for seed in range(repeats)]
+    runs = [_calibration_run(task, seed, folds) for seed in range(repeats)]
     # reference: the held-out cells of every model pooled (each scored by a model that never trained on it)
     ref_truth = np.concatenate([r["ref_truth"] for r in runs])
     ref_before = pd.concat([r["ref_before"] for r in runs], ignore_index=True)
@@ -131,8 +135,9 @@ def calibration_part(task, repeats: int = 5) -> list[str]:
         f"{repeats} default models (seeds 0-{repeats - 1}; each trained in "
         f"{min(r['seconds'] for r in runs):.0f}-{max(r['seconds'] for r in runs):.0f} s), each with its own "
         f"{n_val} held-out reference cells (10 % of the labelled reference, drawn by the seed). Reference ECE: "
-        "each model's held-out cells are split in two halves and each half is scored with the temperatures "
-        "fitted on the other (two-fold cross-fitting), and the predictions of all models are pooled "
+        f"each model's held-out cells are split in {folds} parts and each part is scored with the temperatures "
+        f"fitted on the other {folds - 1} ({folds}-fold cross-fitting: each fit sees about {1 - 1 / folds:.0%} of "
+        "the cells the model's own calibration uses), and the predictions of all models are pooled "
         f"({len(ref_truth)} predictions, each by a model that never trained on the cell). MERFISH ECE: the "
         f"{len(runs[0]['sp_truth'])} MERFISH cells with truth, with the temperatures fitted on all held-out "
         f"cells (spatial {t_sp}; reference {t_ref}), mean over the models. ECE with 10 bins.",
@@ -206,6 +211,7 @@ def main(argv=None) -> None:
     parser.add_argument("--hold-out", nargs="*", default=["Ependymal", "OD immature"], help="classes to hold out")
     parser.add_argument("--skip-calibration", action="store_true")
     parser.add_argument("--repeats", type=int, default=5, help="models (seeds) pooled for the calibration part")
+    parser.add_argument("--folds", type=int, default=10, help="cross-fitting folds of each model's held-out cells")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "calibration.md"))
     args = parser.parse_args(argv)
     import torch
@@ -224,7 +230,7 @@ def main(argv=None) -> None:
         "",
     ]
     if not args.skip_calibration:
-        lines += calibration_part(task, args.repeats)
+        lines += calibration_part(task, args.repeats, args.folds)
     if args.hold_out:
         lines += unknown_part(task, args.hold_out)
     text = "\n".join(lines)

@@ -15,17 +15,25 @@ def _values(X) -> np.ndarray:
     return np.asarray(X).ravel()
 
 
+def csr_row_view(X: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
+    """Rows ``start:stop`` of a CSR matrix as a view on its arrays (read it, never modify it).
+
+    Slicing copies the rows, and so does scipy's constructor for index and data arrays that are views
+    of less than half their base (its ``prune`` step): the arrays are set on an empty matrix instead.
+    """
+    lo, hi = X.indptr[start], X.indptr[stop]
+    view = sp.csr_matrix((stop - start, X.shape[1]), dtype=X.dtype)
+    view.data, view.indices, view.indptr = X.data[lo:hi], X.indices[lo:hi], X.indptr[start : stop + 1] - lo
+    return view
+
+
 def _iter_row_blocks(X, block_size: int = 20_000):
     """Yield row blocks of ``X`` (works for dense, sparse and backed h5py-like matrices)."""
     n = X.shape[0]
     for start in range(0, n, block_size):
         stop = min(start + block_size, n)
         if sp.issparse(X) and X.format == "csr":
-            # a view on the rows' stored values (slicing would copy them)
-            lo, hi = X.indptr[start], X.indptr[stop]
-            yield sp.csr_matrix(
-                (X.data[lo:hi], X.indices[lo:hi], X.indptr[start : stop + 1] - lo), shape=(stop - start, X.shape[1])
-            )
+            yield csr_row_view(X, start, stop)
         else:
             yield X[start:stop]
 

@@ -24,7 +24,7 @@ from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 
 from rmge._constants import COUNTS, LOG_NORMALIZED, REGISTRY_KEYS, UNKNOWN_LABEL
-from rmge._validation import check_nonnegative_finite, detect_value_kind
+from rmge._validation import check_nonnegative_finite, csr_row_view, detect_value_kind
 
 from ._kernels import library_proportions, log_norm_sums, sparse_logits
 from ._module import N_QUANTILES, RMGEModule, unit_rows
@@ -55,12 +55,7 @@ def _read_rows(X, r: np.ndarray):
     if len(r) and r[-1] - r[0] + 1 == len(r) and (len(r) == 1 or bool(np.all(np.diff(r) == 1))):
         a, b = int(r[0]), int(r[-1]) + 1
         if sp.issparse(X) and X.format == "csr":
-            # a view on the in-memory arrays, without copying the block. The arrays are set on an empty matrix:
-            # scipy's constructor would copy views smaller than half their base array (its `prune` step)
-            lo, hi = X.indptr[a], X.indptr[b]
-            view = sp.csr_matrix((b - a, X.shape[1]), dtype=X.dtype)
-            view.data, view.indices, view.indptr = X.data[lo:hi], X.indices[lo:hi], X.indptr[a : b + 1] - lo
-            return view
+            return csr_row_view(X, a, b)  # a view on the in-memory arrays, without copying the block
         return X[a:b]
     if isinstance(X, np.ndarray) or sp.issparse(X):
         return X[r]
