@@ -392,13 +392,12 @@ class RMGEModule(BaseModuleClass):
         rounding.
         """
         w, b = self.decoder.weight, self.decoder.bias
-        x = x_norm
-        xw = project(x, w.T)  # cells x types
         quad = ((z @ (w.T @ w)) * z).sum(-1)
-        cross = (z * xw).sum(-1)
-        xx = torch.linalg.vector_norm(x, dim=-1).square()
-        err = quad + 2 * (z @ (w.T @ b)) + b.dot(b) - 2 * cross - 2 * (x @ b) + xx
-        return err.clamp(min=0.0) / x.shape[-1]
+        cross = (z * project(x_norm, w.T)).sum(-1)  # z'(W'x), with x W a cells x types product
+        xx = torch.linalg.vector_norm(x_norm, dim=-1).square()
+        err = quad + 2 * (z @ (w.T @ b)) + b.dot(b) - 2 * cross - 2 * (x_norm @ b) + xx
+        # the expansion cancels large terms: rounding may leave a tiny negative error, which is zero
+        return err.clamp(min=0.0) / x_norm.shape[-1]
 
     @property
     def temperature(self) -> torch.Tensor:
