@@ -1053,11 +1053,11 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         self._check_if_trained(warn=False)
         cached = getattr(self, "_composition", None)
         if cached is None:
+            # the set-up AnnData holds no cell without counts (setup_anndata refuses them): predict() never
+            # comes back here
             domain = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.DOMAIN_KEY)).ravel()
-            _, z, is_query, _ = self._forward_all(None, np.flatnonzero(domain == 1), batch_size)
-            dev = self.module.temperature.device
-            probs = self.module.probabilities(z.to(dev), is_query.to(dev), calibrated=True).cpu().double()
-            mean = probs.mean(0).numpy() if len(probs) else np.full(len(self.classes_), 1.0 / len(self.classes_))
+            probs = self.predict(indices=np.flatnonzero(domain == 1), soft=True, batch_size=batch_size)
+            mean = probs.to_numpy(dtype=np.float64).mean(0)
             cached = self._composition = pd.Series(mean / mean.sum(), index=list(self.classes_), name="composition")
         return cached.copy()
 
