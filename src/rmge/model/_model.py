@@ -457,7 +457,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             # the values of a new AnnData pass the checks of setup_anndata, except that cells without counts are
             # allowed (predict() gives them the spatial composition)
             layer = args.get("layer")
-            self._validate_values(adata, adata.layers[layer] if layer is not None else adata.X, layer, True)
+            self._validate_values(adata, adata.layers[layer] if layer is not None else adata.X, layer, allow_empty=True)
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     @staticmethod
@@ -850,6 +850,8 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         checked against :meth:`RMGEModule.inference` on the first cells; elsewhere (or should the check fail)
         each block is densified ``batch_size`` rows at a time and passed through the module.
         """
+        # only a new AnnData may hold cells without counts: setup_anndata refuses them in the set-up one
+        new = adata is not None and adata is not self.adata
         adata = self._validate_anndata(adata)
         manager = self.get_anndata_manager(adata, required=True)
         X = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
@@ -862,7 +864,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         zs, empty = [], []
         for r, block in _row_blocks(X, rows, dtype=None):
             g = groups[r]
-            empty.append(np.asarray(block.sum(axis=1)).ravel() <= 0)
+            empty.append(np.asarray(block.sum(axis=1)).ravel() <= 0 if new else np.zeros(len(r), dtype=bool))
             z = sparse_logits(self.module, block, g) if use_sparse else None
             if z is not None and not zs:
                 # guard: the sparse path must reproduce the module's own forward pass
