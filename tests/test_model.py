@@ -459,6 +459,27 @@ def test_seed_reproducibility(synthetic_adata):
     assert not np.allclose(p0, p2), "a different seed gave the same probabilities"
 
 
+def test_adversarial_warmup_leaves_the_adversary_out(synthetic_adata):
+    # a warm-up that lasts all training gives the model trained without the adversarial term (the
+    # discriminator still trains, on detached probabilities, and draws no random numbers)
+    scvi.settings.seed = 0
+    adata = synthetic_adata.copy()
+    RMGEModel.setup_anndata(adata, labels_key=LABELS)
+    warm = RMGEModel(adata)
+    warm.train(max_epochs=3, plan_kwargs={"adversarial_warmup": 1.0}, **TRAIN_KWARGS)
+    off = train_model(synthetic_adata.copy(), seed=0, max_epochs=3, adversarial_weight=0.0)
+    on = train_model(synthetic_adata.copy(), seed=0, max_epochs=3)
+    w = [m.module.encoder.weight.detach() for m in (warm, off, on)]
+    torch.testing.assert_close(w[0], w[1])
+    assert not torch.allclose(w[0], w[2])
+
+
+def test_pseudo_labels_without_input_dropout(synthetic_adata):
+    # without dropout the clean profiles are the ones the encoder sees; pseudo-labels still work
+    model = train_model(synthetic_adata.copy(), seed=0, max_epochs=6, dropout_rate=0.0)
+    assert spatial_accuracy(model, synthetic_adata) >= 0.8
+
+
 def test_sparse_and_dense_input(trained, synthetic_adata):
     model, adata = trained
     assert sp.issparse(adata.X)

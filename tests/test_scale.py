@@ -106,6 +106,7 @@ def test_compiled_inputs_equal_the_tensor_operations(small_adata, standardize):
         x_norm = module.normalize(x.clone(), g.view(-1))
         z = module.encode(x_norm, dropout=False)
     torch.testing.assert_close(out["x_norm"], x_norm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["x_sq"], x_norm.square().sum(1), rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(out["z"], z, rtol=1e-4, atol=1e-4)
 
 
@@ -117,9 +118,12 @@ def test_compiled_dropout_and_thinning():
     mean, inv_std = torch.zeros(1, m), torch.ones(1, m)
     clean_rows = torch.arange(n) % 3 == 0
     torch.manual_seed(0)
-    x_norm, x_drop, x_clean = cosine_inputs(x, groups, mean, inv_std, standardize=False, dropout=0.3, clean=clean_rows)
+    x_norm, x_drop, x_clean, x_sq = cosine_inputs(
+        x, groups, mean, inv_std, standardize=False, dropout=0.3, clean=clean_rows
+    )
     expected = torch.log1p(x * (1e4 / x.sum(1, keepdim=True)))
     torch.testing.assert_close(x_norm, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_sq, expected.square().sum(1), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(x_clean, _centred_unit(expected)[clean_rows], rtol=1e-4, atol=1e-5)
     # a dropped entry is the row's centred zero, its smallest value: recover the mask and compare
     kept = x_drop > x_drop.min(1, keepdim=True).values + 1e-6
@@ -137,7 +141,7 @@ def test_compiled_dropout_and_thinning():
     ones = torch.ones(n, m)
     scale = torch.where(torch.arange(n) < n // 2, 0.25, 0.0)
     factor = torch.linspace(0.5, 1.5, m)
-    x_norm, _, _ = cosine_inputs(
+    x_norm, _, _, _ = cosine_inputs(
         ones, groups, mean, inv_std, standardize=False, dropout=0.0, clean=True, thin_scale=scale, factor=factor
     )
     kept = (x_norm[: n // 2] > 0).float()
@@ -145,6 +149,81 @@ def test_compiled_dropout_and_thinning():
     sd = np.sqrt(0.25 * 0.75 / (n // 2 * m // 10))  # binomial sampling error of each group of genes
     np.testing.assert_allclose(kept.mean(0).reshape(10, -1).mean(1), expected, atol=4 * sd)
     torch.testing.assert_close(x_norm[n // 2 :], torch.full((n // 2, m), float(np.log1p(1e4 / m))))
+
+
+def test_compiled_depth_matching_uses_the_module_scale(small_adata):
+    # rows with a negative scale are thinned at the depth-matched scale of RMGEModule._thin_scale, computed
+    # in the pass: with the rank jitter off, every row of ones keeps ~scale * factor of its entries
+    adata = small_adata.copy()
+    RMGEModel.setup_anndata(adata, labels_key=LABELS)
+    module = RMGEModel(adata).module
+    module.rank_jitter = 0.0
+    n, m = 400, module.n_input
+    x = torch.ones(n, m)
+    scale = float(module._thin_scale(x[:1])[0])
+    p = (scale * module.gene_factor).clamp(max=1.0)
+    assert 0.01 < float(p.mean()) < 0.9, "the test needs a scale that thins"
+    groups = torch.zeros(n, dtype=torch.long)
+    depth = (module.ref_lib_quantiles, module.spatial_lib_quantiles, 0.0)
+    x_norm, _, _, _ = cosine_inputs(
+        x, groups, torch.zeros(1, m), torch.ones(1, m), standardize=False, dropout=0.0, clean=True,
+        thin_scale=torch.full((n,), -1.0), factor=module.gene_factor, depth=depth, seed=1,
+    )  # fmt: skip
+    kept = (x_norm > 0).double().mean()
+    expected = float(p.double().mean())
+    assert abs(float(kept) - expected) < 4 * np.sqrt(expected * (1 - expected) / (n * m))
+    with pytest.raises(ValueError, match="depth"):
+        cosine_inputs(x, groups, torch.zeros(1, m), torch.ones(1, m), standardize=False, dropout=0.0,
+                      clean=True, thin_scale=torch.full((n,), -1.0), factor=module.gene_factor)  # fmt: skip
+
+
+def test_inference_uses_inputs_prepared_ahead(small_adata):
+    # the loader prepares the compiled pass of the next minibatch in a background thread: inference uses it
+    # when it was made with the module's settings (the same seed gives the same activities), and makes its
+    # own otherwise
+    adata = small_adata.copy()
+    RMGEModel.setup_anndata(adata, labels_key=LABELS)
+    module = RMGEModel(adata).module.train()
+    x = torch.as_tensor(adata.X[:200].toarray(), dtype=torch.float32)
+    g = torch.as_tensor(np.array(RMGEModel._get_most_recent_anndata_manager(adata).get_from_registry("batch")))
+    g = g.view(-1)[:200]
+    prepared = module.compiled_inputs(x, g, thin=True, training=True, clean=True, seed=7)
+    a = module.inference(x, g, thin=True, prepared=prepared)
+    b = module.inference(x, g, thin=True, prepared=module.compiled_inputs(x, g, thin=True, training=True, clean=True, seed=7))
+    c = module.inference(x, g, thin=True, prepared=module.compiled_inputs(x, g, thin=True, training=True, clean=True, seed=8))
+    assert torch.equal(a["z"], b["z"]) and torch.equal(a["z_clean"], b["z_clean"])
+    assert not torch.equal(a["z"], c["z"])
+    assert a["x_norm"] is prepared["x_norm"]
+    # made for evaluation (no dropout): not used in training mode
+    d = module.inference(x, g, thin=True, prepared=module.compiled_inputs(x, g, thin=True, training=False, clean=False, seed=7))
+    assert d["x_norm"] is not prepared["x_norm"] and "z_clean" in d
+
+
+def test_loader_prepares_the_next_minibatch_ahead(small_adata):
+    adata = small_adata.copy()
+    RMGEModel.setup_anndata(adata, labels_key=LABELS)
+    source = MinibatchSource(RMGEModel._get_most_recent_anndata_manager(adata))
+    ref = np.flatnonzero((adata.obs["domain"] == "reference").to_numpy())
+    spa = np.flatnonzero((adata.obs["domain"] == "spatial").to_numpy())
+    seen = []
+
+    def prepare(batch, seed):
+        seen.append(seed)
+        return lambda: {"total": batch["X"].sum(), "seed": seed}
+
+    def run():
+        loader = PairedMinibatches(source, [ref, spa], 32, shuffle=True, steps_per_epoch=5, seed=3, prepare=prepare)
+        return [b for b in loader]
+
+    first, second = run(), run()
+    assert len(first) == 5 and all(float(b["rmge_prepared"]["total"]) == float(b["X"].sum()) for b in first)
+    # the same seeds and minibatches on every run with the same loader seed
+    assert [b["rmge_prepared"]["seed"] for b in first] == [b["rmge_prepared"]["seed"] for b in second]
+    assert all(torch.equal(a["X"], b["X"]) for a, b in zip(first, second, strict=True))
+    assert len(set(seen[:5])) == 5  # a fresh seed for every minibatch
+    # the same minibatches as without preparation
+    plain = list(PairedMinibatches(source, [ref, spa], 32, shuffle=True, steps_per_epoch=5, seed=3))
+    assert all(torch.equal(a["X"], b["X"]) for a, b in zip(first, plain, strict=True))
 
 
 def test_reconstruction_error_equals_the_reconstruction(small_adata):
@@ -161,6 +240,8 @@ def test_reconstruction_error_equals_the_reconstruction(small_adata):
     direct = ((module.generative(z)["x_hat"] - x_norm) ** 2).mean(-1)
     expanded = module.reconstruction_error(z, x_norm)
     torch.testing.assert_close(expanded, direct, rtol=1e-4, atol=1e-4)
+    given = module.reconstruction_error(z, x_norm, x_norm.square().sum(-1))
+    torch.testing.assert_close(given, direct, rtol=1e-4, atol=1e-4)
     params = [z, module.decoder.weight, module.decoder.bias]
     g_direct = torch.autograd.grad(direct.sum(), params)
     g_expanded = torch.autograd.grad(expanded.sum(), params)

@@ -120,37 +120,72 @@ def _draw_fast(v, p, s0, s1):  # pragma: no cover - compiled
 
 
 @_njit(inline="always")
-def _thin_row(x, i, s, factor, nz, out, s0, s1):  # pragma: no cover - compiled
-    # row i of x thinned into row i of out. The non-zero columns are gathered first without a data-dependent
-    # branch; then a count's first four Bernoulli trials take the four 16-bit uniforms of one 64-bit draw (p
-    # resolved to 2^-16), compared without branches, trials five to eight those of a second draw, and counts
-    # above eight add the rest by _draw_fast
-    n_cols = x.shape[1]
+def _gather_row(x, i, cols, vals):  # pragma: no cover - compiled
+    # the non-zero entries of row i of x into cols and vals, without a data-dependent branch; their number
     m = 0
-    for j in range(n_cols):
-        out[i, j] = 0.0
-        nz[m] = j
-        m += x[i, j] > 0.0
+    for j in range(x.shape[1]):
+        v = x[i, j]
+        cols[m] = j
+        vals[m] = v
+        m += v != 0.0
+    return m
+
+
+@_njit(inline="always")
+def _thin_values(vals, cols, m, s, factor, s0, s1, thr, words):  # pragma: no cover - compiled
+    # the m counts in vals (at columns cols) thinned in place with retention p = min(s * factor[col], 1): a
+    # count's first four Bernoulli trials take the four 16-bit uniforms of one 64-bit draw (p resolved to
+    # 2^-16), compared without branches; counts above four then take trials five to eight from a second
+    # draw, and counts above eight add the rest by _draw_fast. Separate loops over the counts (thresholds,
+    # draws, trials) keep each simple; thr and words are scratch arrays of at least m entries
     for t in range(m):
-        j = nz[t]
-        p = min(s * factor[j], 1.0)
-        if p <= 0.0:
-            continue
-        n = int(x[i, j] + 0.5)
-        thr = _U64(np.int64(p * 65536.0))  # through int64: a float to uint64 conversion branches on x86
-        r, s0, s1 = _next(s0, s1)
+        # through int64: a float to uint64 conversion branches on x86
+        thr[t] = np.int64(min(s * factor[cols[t]], 1.0) * 65536.0)
+    for t in range(m):
+        words[t], s0, s1 = _next(s0, s1)
+    for t in range(m):
+        n = np.int64(vals[t] + np.float32(0.5))
+        r = words[t]
+        th = _U64(thr[t])
         k = 0
         for b in range(4):
-            k += (((r >> _U64(16 * b)) & _U64(0xFFFF)) < thr) & (n > b)
+            k += (((r >> _U64(16 * b)) & _U64(0xFFFF)) < th) & (n > b)
+        vals[t] = np.float32(k)
+        thr[t] = n  # the count, for the loop below
+    for t in range(m):
+        n = thr[t]
         if n > 4:
+            p = min(s * factor[cols[t]], 1.0)
+            th = _U64(np.int64(p * 65536.0))
             r, s0, s1 = _next(s0, s1)
+            k = 0
             for b in range(4):
-                k += (((r >> _U64(16 * b)) & _U64(0xFFFF)) < thr) & (n > b + 4)
+                k += (((r >> _U64(16 * b)) & _U64(0xFFFF)) < th) & (n > b + 4)
             if n > 8:
                 extra, s0, s1 = _draw_fast(float(n - 8), p, s0, s1)
                 k += int(extra)
-        out[i, j] = k
+            vals[t] += k
     return s0, s1
+
+
+@_njit(inline="always")
+def _depth_scale(vals, cols, m, factor, ref_quantiles, spatial_quantiles, jitter, u):  # pragma: no cover - compiled
+    # retention scale of a reference row (as RMGEModule._thin_scale): the spatial library size at the rank of
+    # the row's library size among reference cells (jittered by (2u - 1) * jitter), over the row's
+    # factor-weighted library size
+    lib = 0.0
+    weighted = 0.0
+    for t in range(m):
+        lib += vals[t]
+        weighted += vals[t] * factor[cols[t]]
+    nq = ref_quantiles.shape[0]
+    rank = np.searchsorted(ref_quantiles, np.float32(lib), side="right") / nq + (2.0 * u - 1.0) * jitter
+    pos = min(max(rank, 0.0), 1.0) * (nq - 1)
+    lo = min(int(np.floor(pos)), nq - 1)
+    hi = min(lo + 1, nq - 1)
+    frac = pos - lo
+    target = spatial_quantiles[lo] * (1.0 - frac) + spatial_quantiles[hi] * frac
+    return target / max(weighted, 1e-8)
 
 
 @_njit()
@@ -158,13 +193,21 @@ def _thin_rows(x, scale, factor, rows, seed, out):  # pragma: no cover - compile
     state = _seed_state(seed)
     s0, s1 = state[0], state[1]
     n_rows, n_cols = x.shape
-    nz = np.empty(n_cols, dtype=np.int64)
+    cols = np.empty(n_cols, dtype=np.int64)
+    vals = np.empty(n_cols, dtype=np.float32)
+    thr = np.empty(n_cols, dtype=np.int64)
+    words = np.empty(n_cols, dtype=np.uint64)
     for i in range(n_rows):
         if not rows[i]:
             for g in range(n_cols):
                 out[i, g] = x[i, g]
             continue
-        s0, s1 = _thin_row(x, i, scale[i], factor, nz, out, s0, s1)
+        m = _gather_row(x, i, cols, vals)
+        s0, s1 = _thin_values(vals, cols, m, scale[i], factor, s0, s1, thr, words)
+        for g in range(n_cols):
+            out[i, g] = 0.0
+        for t in range(m):
+            out[i, cols[t]] = vals[t]
 
 
 def thin_counts(
@@ -219,8 +262,8 @@ def thin_counts(
 # ----------------------------------------------------------------------------- training inputs
 @_njit(fastmath=True)
 def _cosine_rows(
-    x, groups, mean, inv_std, standardize, max_z, target_sum, thin_scale, factor, drop16, seed, clean_slot,
-    x_norm, x_drop, x_clean,
+    x, groups, mean, inv_std, zero, zero_sum, zero_sq, standardize, max_z, target_sum, thin_scale, factor,
+    ref_quantiles, spatial_quantiles, jitter, drop16, seed, clean_slot, x_norm, x_drop, x_clean, x_sq,
 ):  # pragma: no cover - compiled  # fmt: skip
     state = _seed_state(seed)
     s0, s1 = state[0], state[1]
@@ -232,54 +275,48 @@ def _cosine_rows(
     words = np.empty(n_words, dtype=np.uint64)
     u16 = words.view(np.uint16)
     lo, hi = np.float32(-max_z), np.float32(max_z)
-    nz = np.empty(n_cols, dtype=np.int64)
+    cols = np.empty(n_cols, dtype=np.int64)
+    vals = np.empty(n_cols, dtype=np.float32)
+    thr = np.empty(n_cols, dtype=np.int64)
+    thin_words = np.empty(n_cols, dtype=np.uint64)
     for i in range(n_rows):
-        # pass 1: thinning (rows with a positive scale), library size and largest count; the counts go to x_norm
+        # the row's non-zero counts, thinned where the row has a positive scale; library size, largest count
+        m = _gather_row(x, i, cols, vals)
         s_thin = thin_scale[i]
+        if s_thin < 0.0:
+            r, s0, s1 = _next(s0, s1)
+            s_thin = _depth_scale(vals, cols, m, factor, ref_quantiles, spatial_quantiles, jitter, _unit(r))
+        if s_thin > 0.0:
+            s0, s1 = _thin_values(vals, cols, m, s_thin, factor, s0, s1, thr, thin_words)
         lib = 0.0
         top = np.float32(0.0)
-        if s_thin > 0.0:
-            s0, s1 = _thin_row(x, i, s_thin, factor, nz, x_norm, s0, s1)
-            for j in range(n_cols):
-                v = x_norm[i, j]
-                lib += v
-                top = max(top, v)
-        else:
-            for j in range(n_cols):
-                v = x[i, j]
-                x_norm[i, j] = v
-                lib += v
-                top = max(top, v)
+        for t in range(m):
+            lib += vals[t]
+            top = max(top, vals[t])
         c = target_sum / max(lib, 1.0)
         # log1p(v * c) of the integer counts up to the row's largest (at most 255), looked up in a table
         n_table = min(int(top), 255) + 1
         for k in range(n_table):
             table[k] = np.log1p(k * c)
         g = groups[i]
-        s = 0.0
-        ss = 0.0
-        sd = 0.0
-        ssd = 0.0
-        for k in range(n_words):
-            words[k], s0, s1 = _next(s0, s1)
+        # every entry starts at its group's value of a zero count (a copy of one row); the non-zero counts
+        # replace theirs, and the row's sum and sum of squares are corrected by the difference
         for j in range(n_cols):
-            v = x_norm[i, j]
+            x_norm[i, j] = zero[g, j]
+        s = zero_sum[g]
+        ss = zero_sq[g]
+        for t in range(m):
+            j = cols[t]
+            v = vals[t]
             iv = int(v)
-            x_norm[i, j] = table[iv] if (iv == v and iv < n_table) else np.float32(np.log1p(v * c))
-        # separate loops vectorise
-        if standardize:
-            for j in range(n_cols):
-                x_norm[i, j] = min(max((x_norm[i, j] - mean[g, j]) * inv_std[g, j], lo), hi)
-        for j in range(n_cols):
-            y = x_norm[i, j]
-            s += y
-            ss += y * y
-        if dropout:
-            for j in range(n_cols):
-                yd = x_norm[i, j] * np.float32(u16[j] >= drop16)
-                x_drop[i, j] = yd
-                sd += yd
-                ssd += yd * yd
+            y = table[iv] if (iv == v and iv < n_table) else np.float32(np.log1p(v * c))
+            if standardize:
+                y = min(max((y - mean[g, j]) * inv_std[g, j], lo), hi)
+            y0 = zero[g, j]
+            x_norm[i, j] = y
+            s += y - y0
+            ss += y * y - y0 * y0
+        x_sq[i] = ss
         # centre each profile on its mean over genes and divide by the norm of the centred profile; the
         # rescaling of kept entries by 1 / (1 - p) cancels in this division
         r = clean_slot[i]
@@ -290,6 +327,16 @@ def _cosine_rows(
             for j in range(n_cols):
                 x_clean[r, j] = (x_norm[i, j] - mu32) * inv32
         if dropout:
+            for k in range(n_words):
+                words[k], s0, s1 = _next(s0, s1)
+            sd = 0.0
+            ssd = 0.0
+            # separate loops vectorise
+            for j in range(n_cols):
+                yd = x_norm[i, j] * np.float32(u16[j] >= drop16)
+                x_drop[i, j] = yd
+                sd += yd
+                ssd += yd * yd
             mu = sd / n_cols
             inv = 1.0 / max(np.sqrt(max(ssd - n_cols * mu * mu, 0.0)), 1e-6)
             mu32, inv32 = np.float32(mu), np.float32(inv)
@@ -308,7 +355,10 @@ def cosine_inputs(
     clean: bool | torch.Tensor,
     thin_scale: torch.Tensor | None = None,
     factor: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    depth: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    seed: int | None = None,
+    defer: bool = False,
+):
     """Inputs of the cosine classifier for a dense CPU minibatch of counts, in one compiled pass.
 
     Computes what :func:`thin_counts`, :meth:`rmge.RMGEModule.normalize` and the input side of
@@ -338,13 +388,33 @@ def cosine_inputs(
     thin_scale, factor
         Thinning: row ``i`` (where ``thin_scale[i] > 0``) is first thinned as by :func:`thin_counts`
         with retention ``min(thin_scale[i] * factor[j], 1)``; rows with a zero scale are used as they are.
-        ``None``: no thinning.
+        A negative scale asks for the scale of :meth:`rmge.RMGEModule._thin_scale`, computed here from
+        ``depth``. ``None``: no thinning.
+    depth
+        ``(ref_quantiles, spatial_quantiles, rank_jitter)``: library-size quantiles of the reference and
+        spatial cells and the half-width of the rank jitter, for rows with a negative ``thin_scale``.
+    seed
+        Seed of the draws (thinning, jitter, dropout mask); ``None``: drawn from torch's generator. A
+        caller outside the main thread passes its own, so that torch's generator is read in one order.
+    defer
+        Return a function of no arguments that runs the pass and returns its outputs: every array is
+        allocated here, by the calling thread, and the function only runs the compiled kernel (without
+        the GIL), e.g. in a background thread. Memory then comes and goes in the caller's allocator arena
+        (allocating in a second thread's arena and freeing in the first made peak memory jump).
 
     Returns
     -------
     ``x_norm`` (standardised values, the reconstruction target), the centred and normalised profiles
-    with dropout (``None`` without dropout), and those without dropout (every row without dropout;
-    else the rows ``clean`` asks for, in their order; ``None`` when ``clean`` is ``False``).
+    with dropout (``None`` without dropout), those without dropout (every row without dropout;
+    else the rows ``clean`` asks for, in their order; ``None`` when ``clean`` is ``False``), and the
+    squared norm of each row of ``x_norm`` (with ``defer``, a function returning them).
+
+    Notes
+    -----
+    Each row starts as a copy of its group's standardised zero count; only its non-zero counts (gathered
+    first, and thinned there) are transformed, and the row's sum and sum of squares follow from the
+    group's by the differences, so the work per row grows with its non-zero counts apart from a few
+    passes that vectorise (the copy, the dropout mask, centring and scaling).
     """
     from ._module import MAX_Z, TARGET_SUM
 
@@ -356,7 +426,17 @@ def cosine_inputs(
     else:
         scale_np = np.ascontiguousarray(thin_scale.detach().cpu().numpy(), dtype=np.float64)
         factor_np = np.ascontiguousarray(factor.detach().cpu().numpy(), dtype=np.float64)
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if drop16 > 0 or thin_scale is not None else 0
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if drop16 > 0 or thin_scale is not None else 0
+    if depth is None:
+        rq = sq = np.zeros(1, dtype=np.float32)
+        jitter = 0.0
+    else:
+        rq = np.ascontiguousarray(depth[0].detach().cpu().numpy(), dtype=np.float32)
+        sq = np.ascontiguousarray(depth[1].detach().cpu().numpy(), dtype=np.float32)
+        jitter = float(depth[2])
+    if (scale_np < 0).any() and depth is None:
+        raise ValueError("A negative thin_scale asks for the depth-matched scale: pass depth=(quantiles..., jitter).")
     x_norm = np.empty((n, m), dtype=np.float32)
     x_drop = np.empty((n, m), dtype=np.float32) if drop16 > 0 else np.empty((0, 0), dtype=np.float32)
     if drop16 == 0 or (isinstance(clean, bool) and clean):
@@ -369,28 +449,50 @@ def cosine_inputs(
     n_clean = int((slot >= 0).sum())
     want_clean = drop16 == 0 or not isinstance(clean, bool) or clean
     x_clean = np.empty((n_clean, m), dtype=np.float32)
-    _cosine_rows(
+    x_sq = np.empty(n, dtype=np.float32)
+    mean_np = np.ascontiguousarray(mean.detach().cpu().numpy(), dtype=np.float32)
+    inv_np = np.ascontiguousarray(inv_std.detach().cpu().numpy(), dtype=np.float32)
+    # each group's standardised value of a zero count, and the sum and sum of squares of that row
+    if standardize:
+        zero = np.clip((np.float32(0.0) - mean_np) * inv_np, -MAX_Z, MAX_Z).astype(np.float32)
+    else:
+        zero = np.zeros_like(mean_np)
+    args = (
         xn,
         np.ascontiguousarray(groups.view(-1).cpu().numpy(), dtype=np.int64),
-        np.ascontiguousarray(mean.detach().cpu().numpy(), dtype=np.float32),
-        np.ascontiguousarray(inv_std.detach().cpu().numpy(), dtype=np.float32),
+        mean_np,
+        inv_np,
+        zero,
+        zero.sum(1, dtype=np.float64),
+        np.square(zero, dtype=np.float64).sum(1),
         bool(standardize),
         float(MAX_Z),
         float(TARGET_SUM),
         scale_np,
         factor_np,
+        rq,
+        sq,
+        jitter,
         np.uint64(drop16),
         seed,
         slot,
         x_norm,
         x_drop,
         x_clean,
+        x_sq,
     )
-    return (
+    outputs = (
         torch.from_numpy(x_norm),
         torch.from_numpy(x_drop) if drop16 > 0 else None,
         torch.from_numpy(x_clean) if want_clean else None,
+        torch.from_numpy(x_sq),
     )
+
+    def run():
+        _cosine_rows(*args)
+        return outputs
+
+    return run if defer else run()
 
 
 # ----------------------------------------------------------------------------- statistics

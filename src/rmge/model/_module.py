@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
@@ -19,6 +21,8 @@ N_QUANTILES = 1001
 TARGET_SUM = 1e4
 #: Standardised values are clipped to this magnitude (as ``sc.pp.scale(max_value=...)``).
 MAX_Z = 10.0
+#: Minibatch entry holding the output of :meth:`RMGEModule.compiled_inputs`, computed ahead by the loader.
+PREPARED_KEY = "rmge_prepared"
 
 
 def unit_rows(w: torch.Tensor) -> torch.Tensor:
@@ -38,6 +42,20 @@ def project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         w = nn.functional.pad(w, (0, 0, 0, pad))
     out = x @ w.T
     return out[:, : out.shape[1] - pad] if pad else out
+
+
+def _domain_rows(is_query: torch.Tensor) -> tuple[slice | torch.Tensor, slice | torch.Tensor, int, int]:
+    """Rows of the reference and of the spatial cells of a minibatch, and their numbers.
+
+    Slices when the reference cells come first (as in every training minibatch): indexing with them
+    makes views, and neither direction of the pass then searches a mask. Boolean masks otherwise.
+    """
+    n = is_query.shape[0]
+    n_query = int(is_query.sum())
+    n_ref = n - n_query
+    if n_ref == 0 or n_query == 0 or not bool(is_query[:n_ref].any()):
+        return slice(0, n_ref), slice(n_ref, n), n_ref, n_query
+    return ~is_query, is_query, n_ref, n_query
 
 
 class Discriminator(nn.Module):
@@ -271,10 +289,13 @@ class RMGEModule(BaseModuleClass):
 
     # ------------------------------------------------------------------ scvi-tools contract
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {
+        out = {
             "x": tensors[REGISTRY_KEYS.X_KEY],
             "group": tensors[REGISTRY_KEYS.BATCH_KEY],
         }
+        if PREPARED_KEY in tensors:
+            out["prepared"] = tensors[PREPARED_KEY]
+        return out
 
     def _get_generative_input(self, tensors, inference_outputs) -> dict[str, torch.Tensor]:
         return {"z": inference_outputs["z"]}
@@ -293,7 +314,14 @@ class RMGEModule(BaseModuleClass):
         return self.log_scale.exp() * (x @ unit_rows(w).T)
 
     @auto_move_data
-    def inference(self, x: torch.Tensor, group: torch.Tensor, thin: bool = False) -> dict[str, torch.Tensor]:
+    def inference(
+        self,
+        x: torch.Tensor,
+        group: torch.Tensor,
+        thin: bool = False,
+        clean: bool | None = None,
+        prepared: dict | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Metagene activities (class logits) of a minibatch.
 
         Parameters
@@ -304,17 +332,34 @@ class RMGEModule(BaseModuleClass):
             Standardisation group of each cell.
         thin
             Apply sparsity matching to the reference cells of the minibatch (training only).
+        clean
+            Also compute the activities without dropout that choose the pseudo-labels (``z_clean``, and
+            ``label_init`` with ``pseudo_label_agreement``). ``None``: when thinning in training mode with a
+            positive ``pseudo_label_weight``; the training plan passes ``False`` while the pseudo-labels'
+            weight is still zero.
+        prepared
+            The output of :meth:`compiled_inputs` for this minibatch, computed ahead (the training loader
+            computes it in a background thread); used where it was made with the same settings.
         """
         x = x.float()
         g = group.view(-1).long()
         want_clean = thin and self.training and self.pseudo_label_weight > 0
-        is_ref = self.group_is_reference[g] if thin and self.sparsity_matching else None
-        if is_ref is not None and not bool(is_ref.any()):
-            is_ref = None
+        if clean is not None:
+            want_clean = want_clean and clean
         if self.classifier == "cosine" and x.device.type == "cpu" and x.dim() == 2 and not x.requires_grad:
-            thin_scale = None if is_ref is None else torch.where(is_ref, self._thin_scale(x), 0.0)
-            return self._inference_cpu(x, g, want_clean, thin_scale)
-        if is_ref is not None:
+            p = float(self.dropout.p) if self.training else 0.0
+            usable = (
+                prepared is not None
+                and prepared["dropout"] == p
+                and prepared["thin"] == thin
+                and (prepared["clean"] or not want_clean)
+                and prepared["x_norm"].shape == x.shape
+            )
+            if not usable:
+                prepared = self.compiled_inputs(x, g, thin=thin, training=self.training, clean=want_clean)
+            return self._cosine_activities(prepared, want_clean)
+        is_ref = self.group_is_reference[g] if thin and self.sparsity_matching else None
+        if is_ref is not None and bool(is_ref.any()):
             # a new tensor: the reference rows thinned, the others copied
             x = thin_counts(x, self._thin_scale(x), self.gene_factor, rows=is_ref)
         x_norm = self.normalize(x, g)
@@ -327,19 +372,37 @@ class RMGEModule(BaseModuleClass):
                     out["label_init"] = self.encode(x_norm, dropout=False, weight=self.init_weight).argmax(-1)
         return out
 
-    def _inference_cpu(
-        self, x: torch.Tensor, g: torch.Tensor, want_clean: bool, thin_scale: torch.Tensor | None
-    ) -> dict[str, torch.Tensor]:
-        """:meth:`inference` of the cosine classifier on a CPU: the input side in one compiled pass.
+    def compiled_inputs(
+        self,
+        x: torch.Tensor,
+        group: torch.Tensor,
+        thin: bool,
+        training: bool,
+        clean: bool,
+        seed: int | None = None,
+        defer: bool = False,
+    ):
+        """The input side of the cosine classifier for a CPU minibatch, in one compiled pass.
 
-        Same result as the tensor operations of :meth:`normalize` and :meth:`encode` (up to float
-        rounding and the dropout mask's draws); the encoder with and without dropout and the frozen
-        initial metagenes then take one matrix product each (the latter two in one).
+        Thinning of the reference rows (``thin``; the depth-matched scale of :meth:`thin`, computed in the
+        pass), normalisation, standardisation, input dropout (``training``) and the centred unit-norm
+        profiles (see :func:`rmge.model._kernels.cosine_inputs`); with ``clean``, the profiles without
+        dropout of the spatial rows too. Reads only the module's fixed statistics and, given a ``seed``,
+        not torch's generator. With ``defer``, returns a function of no arguments that runs the compiled
+        pass and returns the result: the training loader allocates in its own thread and runs that function
+        one minibatch ahead in a background thread.
         """
-        p = float(self.dropout.p) if self.training else 0.0
+        g = group.view(-1)
+        g_np = g.numpy().astype(np.int64, copy=False)
+        is_ref = self.group_is_reference.numpy()[g_np]
+        thin_scale = None
+        if thin and self.sparsity_matching and is_ref.any():
+            # a negative scale: the pass computes the depth-matched scale of the row
+            thin_scale = torch.from_numpy(np.where(is_ref, -1.0, 0.0))
+        p = float(self.dropout.p) if training else 0.0
         # pseudo-labels are chosen among spatial cells only: the profiles without dropout are needed there alone
-        rows = ~self.group_is_reference[g] if want_clean else None
-        x_norm, x_drop, x_clean = cosine_inputs(
+        rows = torch.from_numpy(~is_ref) if clean else None
+        run = cosine_inputs(
             x,
             g,
             self.group_mean,
@@ -349,26 +412,76 @@ class RMGEModule(BaseModuleClass):
             clean=False if rows is None else rows,
             thin_scale=thin_scale,
             factor=self.gene_factor,
+            depth=(self.ref_lib_quantiles, self.spatial_lib_quantiles, self.rank_jitter),
+            seed=seed,
+            defer=True,
         )
+
+        def finish() -> dict:
+            x_norm, x_drop, x_clean, x_sq = run()
+            return {
+                "x_norm": x_norm,
+                "x_drop": x_drop,
+                "x_clean": x_clean,
+                "x_sq": x_sq,
+                "clean_rows": rows,
+                "dropout": p,
+                "thin": thin,
+                "clean": rows is not None,
+            }
+
+        return finish if defer else finish()
+
+    def _cosine_activities(self, prepared: dict, want_clean: bool) -> dict[str, torch.Tensor]:
+        """Activities of the cosine classifier from the output of :meth:`compiled_inputs`.
+
+        Same result as the tensor operations of :meth:`normalize` and :meth:`encode` (up to float
+        rounding and the dropout mask's draws); the encoder with dropout and, for the pseudo-labels, the
+        current and the frozen initial metagenes without it take one matrix product each.
+        """
+        x_norm, x_drop, x_clean = prepared["x_norm"], prepared["x_drop"], prepared["x_clean"]
         w = unit_rows(self.encoder.weight)
         scale = self.log_scale.exp()
         z = scale * project(x_clean if x_drop is None else x_drop, w)
-        out = {"z": z, "x_norm": x_norm}
-        if want_clean:
+        out = {"z": z, "x_norm": x_norm, "x_sq": prepared["x_sq"]}
+        rows = prepared["clean_rows"]
+        if want_clean and rows is not None:
             with torch.no_grad():
                 # reference rows keep their activities with dropout (never read as pseudo-labels)
                 z_clean = z.detach().clone()
                 k = self.n_labels
+                # without dropout the pass gives every row's clean profile; else the spatial rows' alone
+                x_rows = x_clean if x_drop is not None else x_clean[rows]
                 if self.pseudo_label_agreement:
-                    both = project(x_clean, torch.cat([w.detach(), unit_rows(self.init_weight)]))
+                    # the current and the frozen initial metagenes in one product
+                    both = x_rows @ self._clean_weights(w.detach()).T
                     z_clean[rows] = scale.detach() * both[:, :k]
-                    label_init = torch.full((x.shape[0],), -1, dtype=torch.long)
-                    label_init[rows] = both[:, k:].argmax(-1)
+                    label_init = torch.full((x_norm.shape[0],), -1, dtype=torch.long)
+                    k8 = k + (-k % 8)
+                    label_init[rows] = both[:, k8 : k8 + k].argmax(-1)
                     out["label_init"] = label_init
                 else:
-                    z_clean[rows] = scale.detach() * project(x_clean, w.detach())
+                    z_clean[rows] = scale.detach() * project(x_rows, w.detach())
                 out["z_clean"] = z_clean
         return out
+
+    def _clean_weights(self, w: torch.Tensor) -> torch.Tensor:
+        """The metagenes ``w`` and the frozen initial ones (unit rows), each padded to a multiple of 8 rows.
+
+        One buffer kept across training steps: the initial metagenes' rows are written when
+        ``init_weight`` changes, the current metagenes' rows at every call (building the matrix afresh
+        at every step took longer than the product with it).
+        """
+        k = self.n_labels
+        k8 = k + (-k % 8)
+        key = (self.init_weight.data_ptr(), self.init_weight._version, w.device, w.dtype)
+        buf = getattr(self, "_clean_buffer", None)
+        if buf is None or self._clean_key != key or buf.shape != (2 * k8, w.shape[1]):
+            buf = w.new_zeros(2 * k8, w.shape[1])
+            buf[k8 : k8 + k] = unit_rows(self.init_weight).to(buf)
+            self._clean_buffer, self._clean_key = buf, key
+        buf[:k] = w
+        return buf
 
     @auto_move_data
     def generative(self, z: torch.Tensor, materialize: bool = True) -> dict[str, torch.Tensor]:
@@ -382,22 +495,25 @@ class RMGEModule(BaseModuleClass):
             return {"z": z}
         return {"x_hat": self.decoder(z)}
 
-    def reconstruction_error(self, z: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:
+    def reconstruction_error(
+        self, z: torch.Tensor, x_norm: torch.Tensor, x_sq: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Mean squared error per cell of the decoder's reconstruction, without forming it.
 
-        Expands ``||W z + b - x||^2 = z'(W'W)z + 2 z'(W'b) + b'b - 2 z'(W'x) - 2 b'x + x'x``: the only
-        products with the cells × genes profiles are ``x W`` and ``x b`` (their gradients one more product),
-        where the reconstruction itself would take three products and several element-wise passes over
-        cells × genes, forward and backward. Equal to ``((decoder(z) - x_norm) ** 2).mean(-1)`` up to float
-        rounding.
+        With ``u = [z, 1]`` and ``V = [W, b]`` (the decoder's weights and bias), expands
+        ``||V u - x||^2 = u'(V'V)u - 2 u'(V'x) + x'x``: the only product with the cells × genes profiles is
+        ``x V`` (its gradient one more product), where the reconstruction itself would take three products
+        and several element-wise passes over cells × genes, forward and backward. ``x_sq`` is ``x'x`` per
+        cell when already known (the compiled pass gives it). Equal to
+        ``((decoder(z) - x_norm) ** 2).mean(-1)`` up to float rounding.
         """
-        w, b = self.decoder.weight, self.decoder.bias
-        quad = ((z @ (w.T @ w)) * z).sum(-1)
-        cross = (z * project(x_norm, w.T)).sum(-1)  # z'(W'x), with x W a cells x types product
-        xx = torch.linalg.vector_norm(x_norm, dim=-1).square()
-        err = quad + 2 * (z @ (w.T @ b)) + b.dot(b) - 2 * cross - 2 * (x_norm @ b) + xx
+        v = torch.cat([self.decoder.weight.T, self.decoder.bias.unsqueeze(0)])  # (types + 1) x genes
+        u = torch.cat([z, z.new_ones(z.shape[0], 1)], dim=1)
+        quad = ((u @ (v @ v.T)) * u).sum(-1)
+        cross = (u * project(x_norm, v)).sum(-1)
+        xx = torch.linalg.vector_norm(x_norm, dim=-1).square() if x_sq is None else x_sq
         # the expansion cancels large terms: rounding may leave a tiny negative error, which is zero
-        return err.clamp(min=0.0) / x_norm.shape[-1]
+        return (quad - 2 * cross + xx).clamp(min=0.0) / x_norm.shape[-1]
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -441,6 +557,7 @@ class RMGEModule(BaseModuleClass):
         inference_outputs: dict[str, torch.Tensor],
         generative_outputs: dict[str, torch.Tensor],
         pseudo_label_weight: float | None = None,
+        adversarial_weight: float | None = None,
     ) -> LossOutput:
         """All loss terms of the encoder/decoder (the discriminator's own loss is separate).
 
@@ -452,73 +569,78 @@ class RMGEModule(BaseModuleClass):
             Outputs of :meth:`inference` and :meth:`generative`.
         pseudo_label_weight
             Weight of the pseudo-label term for this step (ramped up by the training plan).
+        adversarial_weight
+            Weight of the adversarial term for this step (``None``: the module's; the training plan passes 0
+            during the adversarial warm-up). The term's value is computed and logged either way.
         """
         z = inference_outputs["z"]
         x_norm = inference_outputs["x_norm"]
         x_hat = generative_outputs.get("x_hat")
         is_query = tensors[REGISTRY_KEYS.DOMAIN_KEY].view(-1).long() == 1
-        is_ref = ~is_query
+        ref, query, n_ref, n_query = _domain_rows(is_query)
         labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
         zero = z.new_zeros(())
-        n_ref = int(is_ref.sum())
-        n_query = int(is_query.sum())
         probs = self.probabilities(z, is_query)
 
         # reference classification
         if n_ref > 0:
-            ce = F.cross_entropy(
-                z[is_ref], labels[is_ref], weight=self.class_weights, label_smoothing=self.label_smoothing
-            )
-            accuracy = (z[is_ref].argmax(-1) == labels[is_ref]).float().mean()
+            z_ref, labels_ref = z[ref], labels[ref]
+            ce = F.cross_entropy(z_ref, labels_ref, weight=self.class_weights, label_smoothing=self.label_smoothing)
+            accuracy = (z_ref.detach().argmax(-1) == labels_ref).float().mean()
         else:
             ce, accuracy = zero, zero
 
         # reconstruction
-        rec_mask = is_ref if self.reconstruct == "reference" else torch.ones_like(is_ref)
         if x_hat is None:
-            rec_per_cell = self.reconstruction_error(z, x_norm)
+            rec_per_cell = self.reconstruction_error(z, x_norm, inference_outputs.get("x_sq"))
         else:
             rec_per_cell = ((x_hat - x_norm) ** 2).mean(-1)
-        rec = rec_per_cell[rec_mask].mean() if bool(rec_mask.any()) else zero
+        if self.reconstruct == "reference":
+            rec = rec_per_cell[ref].mean() if n_ref > 0 else zero
+        else:
+            rec = rec_per_cell.mean()
 
         # weight penalty (sum of squared weights, as the original)
-        l2 = self.encoder.weight.pow(2).sum() + self.decoder.weight.pow(2).sum()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.l2_weight > 0):
+            l2 = self.encoder.weight.pow(2).sum() + self.decoder.weight.pow(2).sum()
 
         # composition prior on spatial cells
         if n_query > 0 and self.kl_weight > 0:
-            pbar = probs[is_query].mean(0).clamp(min=1e-8)
+            pbar = probs[query].mean(0).clamp(min=1e-8)
             kl = (pbar * (pbar.log() - self.prior.clamp(min=1e-8).log())).sum()
         else:
             kl = zero
 
         # entropy (of untempered logits: the temperature is shaped by the adversary alone)
-        ent_mask = is_query if self.entropy_on == "spatial" else is_ref
-        if bool(ent_mask.any()):
-            p = F.softmax(z[ent_mask], dim=-1)
+        ent_rows, n_ent = (query, n_query) if self.entropy_on == "spatial" else (ref, n_ref)
+        if n_ent > 0:
+            p = F.softmax(z[ent_rows], dim=-1)
             entropy = -(p * p.clamp(min=1e-8).log()).sum(-1).mean()
         else:
             entropy = zero
 
         # adversarial: the encoder tries to make both domains indistinguishable
+        w_adv = self.adversarial_weight if adversarial_weight is None else adversarial_weight
         if n_query > 0 and n_ref > 0 and self.adversarial_weight > 0:
             d = self.discriminator(probs)
             if self.adversarial_target == "half":
                 adv = F.binary_cross_entropy_with_logits(d, torch.full_like(d, 0.5))
             else:
-                adv = F.binary_cross_entropy_with_logits(d[is_query], torch.ones_like(d[is_query]))
+                d_query = d[query]
+                adv = F.binary_cross_entropy_with_logits(d_query, torch.ones_like(d_query))
         else:
             adv = zero
 
         # pseudo-labels: the most confident spatial cells of each predicted class
         w_pl = self.pseudo_label_weight if pseudo_label_weight is None else pseudo_label_weight
         if n_query > 0 and w_pl > 0:
-            z_sel = inference_outputs.get("z_clean", z).detach()
-            keep, pl = self.select_pseudo_labels(self.probabilities(z_sel, is_query)[is_query])
+            z_sel = inference_outputs.get("z_clean", z).detach()[query]
+            keep, pl = self.select_pseudo_labels(self.probabilities(z_sel, is_query[query]))
             if "label_init" in inference_outputs:
-                keep = keep & (inference_outputs["label_init"][is_query] == pl)
+                keep = keep & (inference_outputs["label_init"][query] == pl)
             if bool(keep.any()):
                 pseudo = (
-                    F.cross_entropy(z[is_query][keep], pl[keep], weight=self.class_weights, reduction="sum") / n_query
+                    F.cross_entropy(z[query][keep], pl[keep], weight=self.class_weights, reduction="sum") / n_query
                 )
             else:
                 pseudo = zero
@@ -530,7 +652,7 @@ class RMGEModule(BaseModuleClass):
             + self.reconstruction_weight * rec
             + self.l2_weight * l2
             + self.kl_weight * kl
-            + self.adversarial_weight * adv
+            + w_adv * adv
             + self.entropy_weight * entropy
             + w_pl * pseudo
         )

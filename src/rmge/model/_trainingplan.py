@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.sparse as sp
@@ -12,6 +13,8 @@ from scvi import settings
 from scvi.train import TrainingPlan
 
 from rmge._constants import REGISTRY_KEYS
+
+from ._module import PREPARED_KEY
 
 #: Minibatch entries that hold one integer code per cell.
 _CODE_KEYS = (REGISTRY_KEYS.LABELS_KEY, REGISTRY_KEYS.DOMAIN_KEY, REGISTRY_KEYS.BATCH_KEY)
@@ -157,6 +160,13 @@ class PairedMinibatches:
         Seed of the random orders.
     num_replicas, rank
         Data-parallel training: number of processes and this process's rank.
+    prepare
+        ``prepare(minibatch, seed)``: work to do on each minibatch before it is used (the module's compiled
+        pass, :meth:`rmge.RMGEModule.compiled_inputs`), returned as a function of no arguments whose
+        result is stored under ``PREPARED_KEY``. The next minibatch is then read, and ``prepare`` called
+        (allocating its outputs), in this thread, and the function run in a background thread while the
+        current minibatch is used (the compiled pass runs without the GIL, so a second core does it). Its
+        seeds come from this loader's generator, so a run stays reproducible.
     """
 
     def __init__(
@@ -169,8 +179,11 @@ class PairedMinibatches:
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        prepare: Callable[[dict, int], Callable[[], dict]] | None = None,
     ):
         self.source = source
+        self.prepare = prepare
+        self._seeds = np.random.default_rng([seed, 1])
         rng = np.random.default_rng(seed)
         group = source.codes[REGISTRY_KEYS.BATCH_KEY].numpy()
         self.streams = [
@@ -190,9 +203,30 @@ class PairedMinibatches:
             # exactly one pass over the largest set starts that pass afresh
             if not self.shuffle or (self.steps_per_epoch == self.steps_per_pass == s.steps_per_pass):
                 s.reset()
-        for _ in range(self.steps_per_epoch):
-            rows = np.concatenate([s.next() for s in self.streams])
-            yield self.source.fetch(rows)
+        if self.prepare is None:
+            for _ in range(self.steps_per_epoch):
+                yield self.source.fetch(self._next_rows())
+            return
+        # one minibatch ahead: the next is read here and prepared in the background while the current one is used
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rmge-minibatches") as pool:
+            pending = None
+            for _ in range(self.steps_per_epoch):
+                batch = self.source.fetch(self._next_rows())
+                ahead = (batch, pool.submit(self.prepare(batch, int(self._seeds.integers(2**31 - 1)))))
+                if pending is not None:
+                    yield _finished(*pending)
+                pending = ahead
+            if pending is not None:
+                yield _finished(*pending)
+
+    def _next_rows(self) -> np.ndarray:
+        return np.concatenate([s.next() for s in self.streams])
+
+
+def _finished(batch: dict, job) -> dict:
+    """The minibatch with the result of its preparation (waited for) under ``PREPARED_KEY``."""
+    batch[PREPARED_KEY] = job.result()
+    return batch
 
 
 class RMGEDataSplitter(LightningDataModule):
@@ -291,6 +325,22 @@ class RMGEDataSplitter(LightningDataModule):
             return torch.distributed.get_world_size(), torch.distributed.get_rank()
         return 1, 0
 
+    def _prepare(self, training: bool) -> Callable[[dict, int], Callable[[], dict]] | None:
+        """The module's compiled pass for the loader to run ahead, where the module runs it (cosine, CPU)."""
+        trainer = getattr(self, "trainer", None)
+        module = getattr(getattr(trainer, "lightning_module", None), "module", None)
+        if module is None or not hasattr(module, "compiled_inputs") or module.classifier != "cosine":
+            return None
+        if trainer.strategy.root_device.type != "cpu":
+            return None
+        clean = training and module.pseudo_label_weight > 0
+
+        def prepare(batch: dict, seed: int) -> Callable[[], dict]:
+            x, group = batch[REGISTRY_KEYS.X_KEY], batch[REGISTRY_KEYS.BATCH_KEY]
+            return module.compiled_inputs(x, group, thin=True, training=training, clean=clean, seed=seed, defer=True)
+
+        return prepare
+
     def train_dataloader(self):
         """Loader of (reference, spatial) minibatch pairs."""
         replicas, rank = self._replicas()
@@ -303,6 +353,7 @@ class RMGEDataSplitter(LightningDataModule):
             seed=self._seed,
             num_replicas=replicas,
             rank=rank,
+            prepare=self._prepare(training=True),
         )
 
     def val_dataloader(self):
@@ -325,6 +376,7 @@ class RMGEDataSplitter(LightningDataModule):
             shuffle=False,
             num_replicas=replicas,
             rank=rank,
+            prepare=self._prepare(training=False),
         )
 
 
@@ -385,13 +437,18 @@ class RMGETrainingPlan(TrainingPlan):
         return float(w * min(max(ramp, 0.0), 1.0))
 
     # ------------------------------------------------------------------ steps
-    def _step(self, batch):
+    def _step(self, batch, adversarial: bool = True):
         tensors = _concat_batches(batch)
+        w_pl = self._pseudo_label_weight()
+        loss_kwargs = {"pseudo_label_weight": w_pl}
+        if not adversarial:
+            loss_kwargs["adversarial_weight"] = 0.0
         inference_outputs, _, loss_output = self.forward(
             tensors,
-            inference_kwargs={"thin": True},
+            # the activities without dropout serve the pseudo-labels alone: not computed while their weight is 0
+            inference_kwargs={"thin": True, "clean": w_pl > 0},
             generative_kwargs={"materialize": False},
-            loss_kwargs={"pseudo_label_weight": self._pseudo_label_weight()},
+            loss_kwargs=loss_kwargs,
         )
         return tensors, inference_outputs, loss_output
 
@@ -429,13 +486,11 @@ class RMGETrainingPlan(TrainingPlan):
     def training_step(self, batch, batch_idx):
         """One step of the model, then one of the discriminator."""
         opt_model, opt_disc = self.optimizers()
-        tensors, inference_outputs, loss_output = self._step(batch)
+        # before the adversarial warm-up ends the adversarial term is left out of the loss (it is still logged)
         adv_on = self._progress() >= self.adversarial_warmup
-        loss = loss_output.loss
-        if not adv_on:
-            loss = loss - self.module.adversarial_weight * loss_output.extra_metrics["adversarial_loss"]
+        tensors, inference_outputs, loss_output = self._step(batch, adversarial=adv_on)
         opt_model.zero_grad()
-        self.manual_backward(loss)
+        self.manual_backward(loss_output.loss)
         opt_model.step()
 
         is_query = tensors[REGISTRY_KEYS.DOMAIN_KEY].view(-1) == 1
