@@ -187,15 +187,19 @@ def test_inference_uses_inputs_prepared_ahead(small_adata):
     x = torch.as_tensor(adata.X[:200].toarray(), dtype=torch.float32)
     g = torch.as_tensor(np.array(RMGEModel._get_most_recent_anndata_manager(adata).get_from_registry("batch")))
     g = g.view(-1)[:200]
-    prepared = module.compiled_inputs(x, g, thin=True, training=True, clean=True, seed=7)
+
+    def prepare(seed, training=True):
+        return module.compiled_inputs(x, g, thin=True, training=training, clean=training, seed=seed)
+
+    prepared = prepare(7)
     a = module.inference(x, g, thin=True, prepared=prepared)
-    b = module.inference(x, g, thin=True, prepared=module.compiled_inputs(x, g, thin=True, training=True, clean=True, seed=7))
-    c = module.inference(x, g, thin=True, prepared=module.compiled_inputs(x, g, thin=True, training=True, clean=True, seed=8))
+    b = module.inference(x, g, thin=True, prepared=prepare(7))
+    c = module.inference(x, g, thin=True, prepared=prepare(8))
     assert torch.equal(a["z"], b["z"]) and torch.equal(a["z_clean"], b["z_clean"])
     assert not torch.equal(a["z"], c["z"])
     assert a["x_norm"] is prepared["x_norm"]
     # made for evaluation (no dropout): not used in training mode
-    d = module.inference(x, g, thin=True, prepared=module.compiled_inputs(x, g, thin=True, training=False, clean=False, seed=7))
+    d = module.inference(x, g, thin=True, prepared=prepare(7, training=False))
     assert d["x_norm"] is not prepared["x_norm"] and "z_clean" in d
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
@@ -639,9 +638,7 @@ class RMGEModule(BaseModuleClass):
             if "label_init" in inference_outputs:
                 keep = keep & (inference_outputs["label_init"][query] == pl)
             if bool(keep.any()):
-                pseudo = (
-                    F.cross_entropy(z[query][keep], pl[keep], weight=self.class_weights, reduction="sum") / n_query
-                )
+                pseudo = F.cross_entropy(z[query][keep], pl[keep], weight=self.class_weights, reduction="sum") / n_query
             else:
                 pseudo = zero
         else:
