@@ -456,8 +456,8 @@ class RMGEModule(BaseModuleClass):
                     both = x_rows @ self._clean_weights(w.detach()).T
                     z_clean[rows] = scale.detach() * both[:, :k]
                     label_init = torch.full((x_norm.shape[0],), -1, dtype=torch.long)
-                    k8 = k + (-k % 8)
-                    label_init[rows] = both[:, k8 : k8 + k].argmax(-1)
+                    start = both.shape[1] // 2  # the initial metagenes' block (see _clean_weights)
+                    label_init[rows] = both[:, start : start + k].argmax(-1)
                     out["label_init"] = label_init
                 else:
                     z_clean[rows] = scale.detach() * project(x_rows, w.detach())
