@@ -459,6 +459,20 @@ def test_seed_reproducibility(synthetic_adata):
     assert not np.allclose(p0, p2), "a different seed gave the same probabilities"
 
 
+def test_training_after_prediction_trains_as_a_fresh_model(synthetic_adata):
+    # a prediction leaves the module in evaluation mode; training must still use its input dropout
+    # (Lightning keeps a submodule's mode), so the result equals that of a model never asked before
+    fresh = train_model(synthetic_adata.copy(), seed=0, max_epochs=3)
+    scvi.settings.seed = 0
+    adata = synthetic_adata.copy()
+    RMGEModel.setup_anndata(adata, labels_key=LABELS)
+    asked = RMGEModel(adata)
+    asked.module.eval()  # as predict() leaves it
+    asked.train(max_epochs=3, **TRAIN_KWARGS)
+    torch.testing.assert_close(asked.module.encoder.weight, fresh.module.encoder.weight)
+    np.testing.assert_allclose(predictions(asked)[1], predictions(fresh)[1], rtol=1e-5, atol=1e-6)
+
+
 def test_adversarial_warmup_leaves_the_adversary_out(synthetic_adata):
     # a warm-up that lasts all training gives the model trained without the adversarial term (the
     # discriminator still trains, on detached probabilities, and draws no random numbers)

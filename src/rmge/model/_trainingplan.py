@@ -509,7 +509,13 @@ class RMGETrainingPlan(TrainingPlan):
         self._accumulate_terms(loss_output, "validation")
 
     def on_train_epoch_start(self):
-        """Start the epoch's sums of the training terms afresh."""
+        """Put the module in training mode and start the epoch's sums of the training terms afresh.
+
+        Lightning keeps the mode a submodule had when fitting began: a module left in evaluation mode
+        (by a prediction, or by the calibration at the end of an earlier training) would otherwise train
+        without its input dropout.
+        """
+        self.module.train()
         self._sums["train"].clear()
         self._counts["train"].clear()
 
