@@ -300,20 +300,21 @@ def _rmge(reference, query, labels_key, original, seed=0, max_epochs=None, **opt
     model.train(**({} if max_epochs is None else {"max_epochs": max_epochs}))
     soft = model.predict(indices=q_idx, soft=True)
     # prepare() drops query cells without a single count over the used genes; as predict() does for such
-    # cells of a new AnnData, they get the spatial composition (the prior) as probabilities, so that every
-    # method is scored on the same cells.
+    # cells of a new AnnData, they get model.empty_cell_probabilities() (the spatial composition weighted by
+    # each type's chance of an empty cell) as probabilities, so that every method is scored on the same cells.
     obs = adata.obs.iloc[q_idx]
     names = obs["original_obs_name"] if "original_obs_name" in obs else obs.index
     soft = pd.DataFrame(np.asarray(soft), index=pd.Index(names.astype(str)), columns=soft.columns)
     soft = soft.reindex(query.obs_names.astype(str))
     missing = soft.isna().any(axis=1).to_numpy()
     if missing.any():
-        soft.loc[missing] = np.tile(model.spatial_composition().reindex(soft.columns).to_numpy(), (missing.sum(), 1))
+        empty = model.empty_cell_probabilities().reindex(soft.columns).to_numpy()
+        soft.loc[missing] = np.tile(empty, (missing.sum(), 1))
     proba = _proba_frame(soft.to_numpy(), soft.columns, query.obs_names)
     labels = _argmax_labels(proba)
     RUN_INFO["impl"] = f"rmge {_version('rmge')}" + (" (ORIGINAL preset)" if original else "")
     if missing.any():
-        RUN_INFO["impl"] += f"; {int(missing.sum())} query cells without counts: spatial composition"
+        RUN_INFO["impl"] += f"; {int(missing.sum())} query cells without counts: empty-cell probabilities"
     return labels, proba
 
 

@@ -202,6 +202,12 @@ def test_thresholds_and_reference_order(inputs):
     order = ["type_2", "type_0", "type_1"]
     reference.obs["cell_type"] = reference.obs["cell_type"].cat.reorder_categories(order)
     reference.uns["cell_type_colors"] = [colors[c] for c in order]
+    # spatial cells thinned to about 8 counts, so that some predictions are uncertain
+    X = sp.csr_matrix(spatial.X, dtype=np.float32, copy=True)
+    X.data = np.random.default_rng(0).binomial(X.data.astype(np.int64), 0.02).astype(np.float32)
+    X.eliminate_zeros()
+    spatial.X = X
+    spatial = spatial[np.asarray(X.sum(axis=1)).ravel() > 0].copy()
     result = cli.transfer_labels(
         reference, spatial, "cell_type", max_epochs=2, unknown_threshold=0.6, novelty_threshold=3, progress_bar=False
     )

@@ -176,8 +176,65 @@ def test_latent_representation_is_the_logits(trained):
     reference_calibration = float(model.module.reference_calibration_temperature.cpu())
     assert calibration > 0 and reference_calibration > 0
     np.testing.assert_allclose(softmax(z[ref] / reference_calibration, axis=1), probs[ref], atol=1e-5)
-    np.testing.assert_allclose(softmax(z[sp_idx] / calibration, axis=1), probs[sp_idx], atol=1e-5)
-    np.testing.assert_array_equal(classes[z.argmax(1)], labels)
+    # spatial cells (counts on both sides: count evidence on) add the count log-likelihood of each type's
+    # profile, each cell's weight capped at the profiles' depth, then divide by the evidence's temperature
+    module = model.module
+    assert module.has_count_evidence
+    counts = sp.csr_matrix(adata.X[sp_idx])
+    depth = np.asarray(counts.sum(1)).ravel()
+    log_p = module.count_log_profiles.cpu().numpy().astype(np.float64)
+    evidence = (counts @ log_p.T) * np.minimum(1.0, float(module.count_depth) / depth)[:, None]
+    combined = (z[sp_idx] / calibration + evidence) / float(module.count_temperature)
+    np.testing.assert_allclose(softmax(combined, axis=1), probs[sp_idx], atol=1e-4)
+    np.testing.assert_array_equal(classes[z[ref].argmax(1)], labels[ref])
+    np.testing.assert_array_equal(classes[combined.argmax(1)], labels[sp_idx])
+
+
+def test_count_profiles_come_from_the_training_cells(trained):
+    model, adata = trained
+    module = model.module
+    # each type's summed counts of the reference cells outside the calibration set, at the spatial capture
+    ref = np.setdiff1d(reference_indices(adata), model.validation_indices)
+    X = sp.csr_matrix(adata.X[ref])
+    types = adata.obs[LABELS].to_numpy()[ref].astype(str)
+    factor = module.gene_factor.cpu().numpy().astype(np.float64)
+    for k, name in enumerate(model.classes_):
+        sums = np.asarray(X[types == name].sum(0)).ravel() * factor
+        expected = sums + 0.01 * sums.sum() / len(sums)
+        expected /= expected.sum()
+        np.testing.assert_allclose(np.exp(module.count_log_profiles[k].cpu().numpy()), expected, rtol=1e-4)
+    assert float(module.count_depth) == pytest.approx(np.median(np.asarray(X.sum(1)).ravel()))
+    assert 0.5 <= float(module.count_temperature) <= 20
+
+
+def test_count_evidence_helps_sparse_cells():
+    # very sparse spatial cells (about 1 % of the reference depth): the counts' likelihood under each type's
+    # profile is evidence the standardised profile loses
+    adata = make_adata(n_reference=400, n_spatial=400, n_genes=150, spatial_depth_ratio=0.01, seed=5)
+    with_counts = train_model(adata.copy(), seed=0)
+    without = train_model(adata.copy(), seed=0, count_evidence=False)
+    assert with_counts.module.has_count_evidence and not without.module.has_count_evidence
+    acc_with, acc_without = spatial_accuracy(with_counts, adata), spatial_accuracy(without, adata)
+    assert acc_with >= acc_without + 0.02, f"with count evidence {acc_with:.3f}, without {acc_without:.3f}"
+
+
+def test_count_evidence_needs_counts(synthetic_adata):
+    adata = synthetic_adata.copy()
+    sp_idx = spatial_indices(adata)
+    X = sp.csr_matrix(adata.X, dtype=np.float32, copy=True).tolil()
+    spatial = sp.csr_matrix(X[sp_idx])
+    X[sp_idx] = sp.diags(1e4 / np.asarray(spatial.sum(1)).ravel()) @ spatial  # normalised, not counts
+    adata.X = sp.csr_matrix(X)
+    RMGEModel.setup_anndata(adata, labels_key=LABELS)
+    assert not RMGEModel(adata).module.count_evidence  # "auto": off without counts on both sides
+    with pytest.raises(ValueError, match="count_evidence=True needs integer counts in both domains"):
+        RMGEModel(adata, count_evidence=True)
+    with pytest.raises(ValueError, match="`count_evidence` must be True, False or 'auto'"):
+        RMGEModel(adata, count_evidence="yes")
+    counts = synthetic_adata.copy()
+    RMGEModel.setup_anndata(counts, labels_key=LABELS)
+    assert RMGEModel(counts).module.count_evidence
+    assert not RMGEModel(counts, **RMGEModel.ORIGINAL).module.count_evidence
 
 
 def test_calibration_is_reproducible_and_checks_its_cells(trained):
@@ -237,6 +294,28 @@ def test_models_saved_with_one_temperature_still_load(trained, tmp_path):
     assert float(loaded.module.reference_calibration_temperature) == pytest.approx(
         float(model.module.calibration_temperature)
     )
+
+
+def test_models_saved_before_count_evidence_still_load(trained, tmp_path):
+    # a model saved before the count evidence and the class library sizes: it predicts from the
+    # activities alone, and cells without counts get the spatial composition
+    model, adata = trained
+    path = tmp_path / "before_counts"
+    model.save(str(path), overwrite=True)
+    state = torch.load(path / "model.pt", weights_only=False)
+    for key in ("count_log_profiles", "count_depth", "count_temperature", "class_lib_quantiles"):
+        del state["model_state_dict"][key]
+    state["attr_dict"]["init_params_"]["non_kwargs"].pop("count_evidence", None)
+    torch.save(state, path / "model.pt")
+    loaded = RMGEModel.load(str(path), adata=adata, accelerator="cpu")
+    assert not loaded.module.has_count_evidence
+    sp_idx = spatial_indices(adata)
+    z = loaded.get_latent_representation()[sp_idx]
+    calibration = float(loaded.module.calibration_temperature)
+    np.testing.assert_allclose(
+        loaded.predict(indices=sp_idx, soft=True).to_numpy(), softmax(z / calibration, axis=1), atol=1e-5
+    )
+    pd.testing.assert_series_equal(loaded.empty_cell_probabilities(), loaded.spatial_composition(), check_names=False)
 
 
 def test_classes_follow_reference_category_order(trained):
@@ -406,7 +485,7 @@ def test_spatial_composition_estimates_the_true_shares(trained):
     np.testing.assert_allclose(comp.to_numpy(), shares.to_numpy(), atol=0.05)
 
 
-def test_cells_without_counts_get_the_spatial_composition(trained):
+def test_cells_without_counts_get_the_empty_cell_probabilities(trained):
     model, adata = trained
     idx = spatial_indices(adata)[:40]
     X = sp.csr_matrix(adata.X[idx]).tolil()
@@ -416,7 +495,7 @@ def test_cells_without_counts_get_the_spatial_composition(trained):
     )
     with pytest.warns(UserWarning, match="8 cell\\(s\\) have no counts over the model's genes"):
         probs = model.predict(new, soft=True).to_numpy()
-    comp = model.spatial_composition().to_numpy()
+    comp = model.empty_cell_probabilities().to_numpy()
     np.testing.assert_allclose(probs[:8], np.tile(comp, (8, 1)), atol=1e-7)
     # the other cells are predicted as before
     np.testing.assert_allclose(probs[8:], model.predict(indices=idx[8:], soft=True).to_numpy(), atol=1e-6)
@@ -427,6 +506,43 @@ def test_cells_without_counts_get_the_spatial_composition(trained):
     assert (unsure[:8] == "Unknown").all()
     scores = model.novelty_score(new)
     assert scores.iloc[:8].isna().all() and scores.iloc[8:].notna().all()
+
+
+def test_empty_cells_favour_types_with_little_rna():
+    # types differ in depth: a cell without counts more likely belongs to a shallow type. The posterior
+    # is the composition times each type's chance of leaving a cell empty, computed here by hand
+    adata = make_adata(n_reference=400, n_spatial=400, n_genes=100, n_classes=3, spatial_depth_ratio=0.02, seed=7)
+    types = adata.obs[LABELS].astype(str).to_numpy()
+    ref = reference_indices(adata)
+    X = sp.csr_matrix(adata.X, dtype=np.float32, copy=True)
+    shallow = np.flatnonzero(types == "type_0")
+    X = sp.csr_matrix(sp.diags(np.where(np.isin(np.arange(adata.n_obs), shallow), 0.2, 1.0)) @ X)
+    X.data = np.floor(X.data)
+    X.eliminate_zeros()
+    adata.X = X
+    adata = adata[np.asarray(X.sum(1)).ravel() > 0].copy()
+    model = train_model(adata, seed=0, max_epochs=5)
+    comp = model.spatial_composition().to_numpy()
+    post = model.empty_cell_probabilities().to_numpy()
+    assert post.sum() == pytest.approx(1.0)
+    assert post[0] / comp[0] > 1.5 * post[1] / comp[1], (post, comp)
+    # by hand: s solves the zero-truncated Poisson mean, the likelihood is the mean exp(-s L) per type
+    ref = reference_indices(adata)
+    lib = np.asarray(adata.X[ref].sum(1)).ravel()
+    codes = adata.obs[LABELS].astype(str).to_numpy()[ref]
+    depth = float(model.module.spatial_lib_quantiles.double().mean())
+    libs = [lib[codes == name] for name in model.classes_]
+
+    def truncated_mean(s):
+        mean = sum(w * (s * v).mean() for w, v in zip(comp, libs, strict=True))
+        nonzero = sum(w * (1 - np.exp(-s * v)).mean() for w, v in zip(comp, libs, strict=True))
+        return mean / nonzero
+
+    from scipy.optimize import brentq
+
+    s = brentq(lambda s: truncated_mean(s) - depth, 1e-9, 1e3)
+    expected = comp * np.array([np.exp(-s * v).mean() for v in libs])
+    np.testing.assert_allclose(post, expected / expected.sum(), rtol=0.05, atol=0.01)
 
 
 @pytest.mark.parametrize(

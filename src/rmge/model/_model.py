@@ -27,7 +27,7 @@ from rmge._constants import COUNTS, LOG_NORMALIZED, REGISTRY_KEYS, UNKNOWN_LABEL
 from rmge._validation import check_nonnegative_finite, csr_row_view, detect_value_kind
 
 from ._kernels import library_proportions, log_norm_sums, sparse_logits
-from ._module import N_QUANTILES, RMGEModule, unit_rows
+from ._module import N_CLASS_QUANTILES, N_QUANTILES, RMGEModule, unit_rows
 from ._trainingplan import MinibatchSource, RMGEDataSplitter, RMGETrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -148,6 +148,12 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         Label smoothing of the reference cross-entropy.
     lr, lr_discriminator, weight_decay
         Optimiser settings, used as defaults of :meth:`train`.
+    count_evidence
+        Add to the spatial cells' activities, at prediction, the likelihood of their counts under each
+        type's reference expression profile (at the spatial gene capture), with the weight of at most
+        a typical reference cell's depth, then recalibrate (:meth:`calibrate`). Sparse cells carry
+        few counts, and how they fall on the genes is the evidence they have. ``"auto"``: on when both
+        domains hold integer counts (sparsity matching on); ``True`` needs counts on both sides.
     **module_kwargs
         Further keyword arguments of :class:`~rmge.RMGEModule`.
 
@@ -188,6 +194,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         "init_metagenes": "random",
         "lr": 0.01,
         "lr_discriminator": 0.001,
+        "count_evidence": False,
     }
 
     def __init__(
@@ -215,6 +222,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         lr: float = 1e-3,
         lr_discriminator: float = 1e-3,
         weight_decay: float = 0.0,
+        count_evidence: bool | Literal["auto"] = "auto",
         **module_kwargs,
     ):
         super().__init__(adata)
@@ -233,9 +241,19 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         if not 0 <= dropout_rate < 1:
             raise ValueError(f"`dropout_rate` must be in [0, 1), got {dropout_rate}.")
 
+        if count_evidence not in (True, False, "auto"):
+            raise ValueError(f"`count_evidence` must be True, False or 'auto', got {count_evidence!r}.")
         classes = self.classes_
         n_labels = len(classes)
         stats = self._compute_statistics(sparsity_matching)
+        both_counts = all(kind == COUNTS for kind in stats["value_kinds"].values())
+        if count_evidence is True and not both_counts:
+            raise ValueError(
+                f"count_evidence=True needs integer counts in both domains (reference: "
+                f"{stats['value_kinds']['reference']}, spatial: {stats['value_kinds']['spatial']}). "
+                "Pass counts or use count_evidence='auto'/False."
+            )
+        use_counts = both_counts and stats["sparsity_matching"] if count_evidence == "auto" else bool(count_evidence)
         counts = stats["label_counts"].astype(np.float64)
         if class_weight == "inverse":
             w = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
@@ -254,6 +272,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             gene_factor=torch.as_tensor(stats["gene_factor"]),
             ref_lib_quantiles=torch.as_tensor(stats["ref_lib_quantiles"]),
             spatial_lib_quantiles=torch.as_tensor(stats["spatial_lib_quantiles"]),
+            class_lib_quantiles=torch.as_tensor(stats["class_lib_quantiles"]),
             class_weights=torch.as_tensor(w),
             prior=None if prior_vec is None else torch.as_tensor(prior_vec),
             dropout_rate=dropout_rate,
@@ -274,6 +293,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             init_metagenes=torch.as_tensor(stats["centroids"]) if init_metagenes == "centroids" else None,
             centroids=torch.as_tensor(stats["centroids"]),
             label_smoothing=label_smoothing,
+            count_evidence=use_counts,
             **module_kwargs,
         )
         self._plan_defaults = {"lr": lr, "lr_discriminator": lr_discriminator, "weight_decay": weight_decay}
@@ -529,6 +549,12 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         qs = np.linspace(0, 1, N_QUANTILES)
         ref_q = np.quantile(lib[is_ref], qs) if n_ref else np.zeros(N_QUANTILES)
         sp_q = np.quantile(lib[~is_ref], qs) if n_q else np.zeros(N_QUANTILES)
+        # each class's reference library sizes (quantiles), for the depth evidence of cells without counts
+        class_q = np.full((n_labels, N_CLASS_QUANTILES), np.nan)
+        for k in range(n_labels):
+            lib_k = lib[is_ref & (labels == k)]
+            if len(lib_k):
+                class_q[k] = np.quantile(lib_k, np.linspace(0, 1, N_CLASS_QUANTILES))
         ref_prop = prop_sum[1] / max(n_ref, 1)
         sp_prop = prop_sum[0] / max(n_q, 1)
         # per-gene capture factor: spatial over reference mean proportion, shrunk towards 1 by a pseudo-count
@@ -616,6 +642,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             "gene_factor": factor.astype(np.float32),
             "ref_lib_quantiles": ref_q.astype(np.float32),
             "spatial_lib_quantiles": sp_q.astype(np.float32),
+            "class_lib_quantiles": class_q.astype(np.float32),
             "sparsity_matching": use_thin,
             "value_kinds": kinds,
         }
@@ -808,13 +835,24 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         source, step = MinibatchSource(self.adata_manager), batch_size or 2048
         dl = (source.fetch(indices[start : start + step]) for start in range(0, len(indices), step))
         self.module.eval()
-        zs, zs_ref = [], []
+        counting = bool(self.module.count_evidence)
+        if counting:
+            reference_rows = np.flatnonzero(self._domain_codes() == 0)
+            self._fit_count_profiles(np.setdiff1d(reference_rows, indices))
+        zs, zs_ref, evidence = [], [], []
         # thinning draws from a fixed seed, so the fit is reproducible and leaves the global RNG untouched
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed if settings.seed is not None else 0)
             for tensors in dl:
                 inputs = self.module._get_inference_input(tensors)
-                zs.append(self.module.inference(**inputs, thin=True)["z"].cpu())
+                if counting:
+                    # thinned here, so that the count evidence sees the same thinned counts as the encoder
+                    dev = self.module.encoder.weight.device
+                    x = self.module.thin(inputs["x"].float().to(dev))
+                    zs.append(self.module.inference(x, inputs["group"].to(dev))["z"].cpu())
+                    evidence.append(self.module.count_log_likelihood(x).cpu())
+                else:
+                    zs.append(self.module.inference(**inputs, thin=True)["z"].cpu())
                 zs_ref.append(self.module.inference(**inputs)["z"].cpu())
         y = labels[indices].long()
 
@@ -829,7 +867,49 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         # is fitted on the unthinned cells, without the lower bound that protects spatial predictions
         self.module.calibration_temperature.fill_(best)
         self.module.reference_calibration_temperature.fill_(fit(torch.cat(zs_ref), 0.05))
+        if counting:
+            # the combined logits (activities over their temperature plus the count evidence) get their own
+            combined = torch.cat(zs) / best + torch.cat(evidence).to(torch.cat(zs).dtype)
+            self.module.count_temperature.fill_(fit(combined, 0.5))
         return best
+
+    def _domain_codes(self) -> np.ndarray:
+        return np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.DOMAIN_KEY)).ravel()
+
+    def _fit_count_profiles(self, rows: np.ndarray) -> None:
+        """Each type's expression profile for the count evidence, from the labelled reference ``rows``.
+
+        A type's profile is the sum of its cells' counts, each gene scaled by its spatial capture factor
+        (``gene_factor``), plus a pseudo-count of 1 % of the type's mean count per gene (a gene never
+        seen in a type keeps a small probability), normalised to proportions. The depth that caps a
+        cell's evidence is the median library size of these cells. The held-out cells of the
+        calibration are left out, so that the evidence's temperature is fitted on cells it has not seen.
+        """
+        manager = self.adata_manager
+        X = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        labels = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel().astype(np.int64)
+        n_labels, n_genes = len(self.classes_), X.shape[1]
+        rows = rows[labels[rows] < n_labels]
+        sums = np.zeros((n_labels, n_genes))
+        libs = []
+        for r, block in _row_blocks(X, rows, _stat_block_rows(X), dtype=None):
+            block = sp.csr_matrix(block)
+            codes = labels[r]
+            onehot = sp.csr_matrix((np.ones(len(r)), (codes, np.arange(len(r)))), shape=(n_labels, len(r)))
+            sums += np.asarray((onehot @ block).todense())
+            libs.append(np.asarray(block.sum(axis=1)).ravel())
+        lib = np.concatenate(libs) if libs else np.zeros(0)
+        if not len(lib) or np.median(lib) <= 0:
+            self.module.count_depth.zero_()
+            return
+        factor = self.module.gene_factor.detach().cpu().double().numpy()
+        sums *= factor
+        totals = sums.sum(1, keepdims=True)
+        profiles = sums + 0.01 * np.maximum(totals, 1.0) / n_genes
+        profiles /= profiles.sum(1, keepdims=True)
+        module = self.module
+        module.count_log_profiles.copy_(torch.as_tensor(np.log(profiles), dtype=torch.float32))
+        module.count_depth.fill_(float(np.median(lib)))
 
     # ------------------------------------------------------------------ outputs
     def _dense_logits(self, block: sp.csr_matrix, groups: np.ndarray, batch_size: int) -> torch.Tensor:
@@ -844,7 +924,8 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
 
     @torch.inference_mode()
     def _forward_all(self, adata=None, indices=None, batch_size: int | None = None):
-        """Metagene activities, query flags and empty-cell flags of the cells, block by block without densifying.
+        """Metagene activities, query flags, empty-cell flags and count evidence of the cells (``None`` without
+        count evidence), block by block without densifying.
 
         On CPU the activities come from the non-zero counts alone (:func:`rmge.model._kernels.sparse_logits`),
         checked against :meth:`RMGEModule.inference` on the first cells; elsewhere (or should the check fail)
@@ -861,9 +942,12 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         batch_size = batch_size or 2048
         self.module.eval()
         use_sparse = self.module.encoder.weight.device.type == "cpu"
-        zs, empty = [], []
+        with_evidence = self.module.has_count_evidence
+        zs, empty, evidence = [], [], []
         for r, block in _row_blocks(X, rows, dtype=None):
             g = groups[r]
+            if with_evidence:
+                evidence.append(self.module.count_log_likelihood(block).cpu())
             empty.append(np.asarray(block.sum(axis=1)).ravel() <= 0 if new else np.zeros(len(r), dtype=bool))
             z = sparse_logits(self.module, block, g) if use_sparse else None
             if z is not None and not zs:
@@ -874,9 +958,12 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
                     logger.warning("Sparse inference disagrees with the module; using dense minibatches instead.")
                     use_sparse, z = False, None
             zs.append(torch.from_numpy(z) if z is not None else self._dense_logits(block, g, batch_size))
+        k = len(self.classes_)
         if not zs:
-            return adata, torch.zeros((0, len(self.classes_))), torch.zeros(0, dtype=torch.bool), np.zeros(0, bool)
-        return adata, torch.cat(zs), torch.from_numpy(domain[rows] == 1), np.concatenate(empty)
+            none = torch.zeros((0, k)) if with_evidence else None
+            return adata, torch.zeros((0, k)), torch.zeros(0, dtype=torch.bool), np.zeros(0, bool), none
+        ev = torch.cat(evidence) if with_evidence else None
+        return adata, torch.cat(zs), torch.from_numpy(domain[rows] == 1), np.concatenate(empty), ev
 
     def _obs_names(self, adata, indices):
         names = adata.obs_names
@@ -920,9 +1007,10 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         Probabilities are the softmax of the metagene activities divided by the calibration temperature
         fitted after training (:meth:`calibrate`): the spatial one for spatial cells, the reference one
         for reference cells. Cells of a new AnnData without a single count over the model's genes carry
-        no evidence: they get the spatial composition (:meth:`spatial_composition`, the prior) as
-        probabilities, hence its most frequent type as label (``"Unknown"`` with an ``unknown_threshold``
-        above its share; never by the novelty score, which they do not have), with a warning.
+        no expression profile, only their depth: they get :meth:`empty_cell_probabilities` (the spatial
+        composition weighted by each type's chance of leaving a cell empty) as probabilities, hence one
+        type as label (``"Unknown"`` with an ``unknown_threshold`` above its probability; never by the
+        novelty score, which they do not have), with a warning.
         """
         self._check_if_trained(warn=False)
         if unknown_threshold is not None and not 0 <= unknown_threshold <= 1:
@@ -932,22 +1020,25 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
                 f"`novelty_threshold` must be a positive number of robust standard deviations (e.g. 2), "
                 f"got {novelty_threshold}."
             )
-        adata, z, is_query, empty = self._forward_all(adata, indices, batch_size)
+        adata, z, is_query, empty, evidence = self._forward_all(adata, indices, batch_size)
         # the learned spatial temperature serves the discriminator during training; predicted
         # probabilities use the calibration temperature alone (measured to be better calibrated)
         dev = self.module.temperature.device
-        probs = self.module.probabilities(z.to(dev), is_query.to(dev), calibrated=True).cpu().numpy()
+        evidence = None if evidence is None else evidence.to(dev)
+        probs = self.module.probabilities(z.to(dev), is_query.to(dev), calibrated=True, evidence=evidence).cpu().numpy()
         if empty.any():
-            # a cell without counts carries no evidence: its probabilities are the prior, the spatial composition
+            # a cell without counts carries no expression profile, only its depth: the spatial composition
+            # weighted by each type's chance of leaving a cell empty
             warnings.warn(
-                f"{int(empty.sum())} cell(s) have no counts over the model's genes; they get the spatial "
-                "composition (`model.spatial_composition()`) as probabilities. With spatial coordinates, "
+                f"{int(empty.sum())} cell(s) have no counts over the model's genes; they get "
+                "`model.empty_cell_probabilities()` (the spatial composition, weighted by each type's chance "
+                "of an empty cell) as probabilities. With spatial coordinates, "
                 "`rmge.tl.smooth_probabilities(..., fill=<mask of these cells>)` gives them their neighbours' instead.",
                 UserWarning,
                 stacklevel=2,
             )
             probs = probs.copy()
-            probs[empty] = self.spatial_composition().to_numpy()
+            probs[empty] = self.empty_cell_probabilities().to_numpy()
         classes = np.asarray(self.classes_, dtype=object)
         if soft:
             return pd.DataFrame(probs, index=self._obs_names(adata, indices), columns=classes)
@@ -1020,11 +1111,15 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         self._check_if_trained(warn=False)
         if int(n_neighbors) < 1:
             raise ValueError(f"`n_neighbors` must be at least 1, got {n_neighbors}.")
-        adata, z, is_query, empty = self._forward_all(adata, indices, batch_size)
+        adata, z, is_query, empty, evidence = self._forward_all(adata, indices, batch_size)
+        # the predicted type, as predict() gives it
+        dev = self.module.temperature.device
+        evidence = None if evidence is None else evidence.to(dev)
+        predicted = self.module.probabilities(z.to(dev), is_query.to(dev), calibrated=True, evidence=evidence)
         scores = self._novelty(
             adata,
             indices,
-            z.argmax(1).numpy(),
+            predicted.argmax(1).cpu().numpy(),
             is_query.numpy(),
             empty,
             batch_size,
@@ -1038,10 +1133,9 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         """Estimated share of each reference type among the spatial cells the model was set up with.
 
         The mean of the calibrated probabilities (:meth:`predict` with ``soft=True``) of those cells, an
-        unbiased estimate of the composition when the probabilities are calibrated. :meth:`predict` gives it
-        as the probabilities of cells without counts (they carry no evidence, so the prior is their
-        posterior). Computed once per trained state (the cache is cleared by :meth:`train` and
-        :meth:`calibrate`).
+        unbiased estimate of the composition when the probabilities are calibrated; the prior of cells
+        without counts (:meth:`empty_cell_probabilities`). Computed once per trained state (the cache is
+        cleared by :meth:`train` and :meth:`calibrate`).
 
         Parameters
         ----------
@@ -1063,6 +1157,59 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             cached = self._composition = pd.Series(mean / mean.sum(), index=list(self.classes_), name="composition")
         return cached.copy()
 
+    def empty_cell_probabilities(self) -> pd.Series:
+        """Probabilities of the types for a spatial cell without a single count over the model's genes.
+
+        Such a cell has no expression profile, but its depth is evidence: a type whose cells hold
+        few counts leaves more cells empty. With counts on both sides (sparsity matching on), the
+        posterior is ``P(type | no counts) ∝ π(type) · P(no counts | type)``, where ``π`` is the spatial
+        composition (:meth:`spatial_composition`) and, under Poisson sampling of a reference cell's
+        library size ``L`` scaled by the spatial depth ratio ``s``, ``P(no counts | type)`` is the mean
+        of ``exp(-s·L)`` over the type's reference cells. ``s`` is the ratio at which the mean depth of
+        non-empty cells (a zero-truncated Poisson mixture over the reference libraries, weighted by
+        ``π``) equals the spatial cells' mean depth. Without counts on both sides (or for a model saved
+        before the class library sizes were kept) the composition itself is returned.
+
+        Returns
+        -------
+        Probabilities indexed by type, summing to 1.
+        """
+        comp = self.spatial_composition()
+        likelihood = self._empty_likelihood(comp.to_numpy(dtype=np.float64))
+        if likelihood is None:
+            return comp
+        post = comp.to_numpy(dtype=np.float64) * likelihood
+        if not np.isfinite(post).all() or post.sum() <= 0:
+            return comp
+        return pd.Series(post / post.sum(), index=comp.index, name="probability")
+
+    def _empty_likelihood(self, pi: np.ndarray) -> np.ndarray | None:
+        """``P(no counts | type)`` for each type (see :meth:`empty_cell_probabilities`), or ``None``."""
+        module = self.module
+        class_q = module.class_lib_quantiles.detach().cpu().numpy().astype(np.float64)
+        if not module.sparsity_matching or not np.isfinite(class_q[pi > 0]).all():
+            return None
+        class_q = np.nan_to_num(class_q, nan=0.0)
+        # mean depth of the (non-empty) spatial cells the model was set up with
+        depth = float(module.spatial_lib_quantiles.detach().cpu().double().mean())
+        weights = pi / pi.sum()
+
+        def truncated_mean(log_s: float) -> float:
+            s = np.exp(log_s)
+            mean = (weights * (s * class_q).mean(1)).sum()
+            nonzero = (weights * (-np.expm1(-s * class_q)).mean(1)).sum()
+            return mean / max(nonzero, 1e-300)
+
+        # the zero-truncated mean rises from 1 (s -> 0) without bound: bisection on log s
+        lo, hi = -30.0, 10.0
+        if depth <= 1.0 or truncated_mean(hi) < depth:
+            return None
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if truncated_mean(mid) < depth else (lo, mid)
+        s = np.exp(0.5 * (lo + hi))
+        return np.exp(-s * class_q).mean(1)
+
     @torch.inference_mode()
     def get_latent_representation(
         self,
@@ -1082,7 +1229,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             Minibatch size of inference.
         """
         self._check_if_trained(warn=False)
-        _, z, _, _ = self._forward_all(adata, indices, batch_size)
+        _, z, _, _, _ = self._forward_all(adata, indices, batch_size)
         return z.numpy()
 
     def get_metagenes(self) -> pd.DataFrame:

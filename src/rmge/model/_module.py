@@ -16,6 +16,8 @@ from ._kernels import cosine_inputs, thin_counts
 
 #: Size of the quantile tables used to match reference depth to spatial depth by rank.
 N_QUANTILES = 1001
+#: Number of quantiles kept of each class's reference library sizes.
+N_CLASS_QUANTILES = 101
 #: Scale of ``normalize_total`` applied to every cell before ``log1p``.
 TARGET_SUM = 1e4
 #: Standardised values are clipped to this magnitude (as ``sc.pp.scale(max_value=...)``).
@@ -93,6 +95,9 @@ class RMGEModule(BaseModuleClass):
         Per-gene capture factor of the spatial platform relative to the reference (mean 1).
     ref_lib_quantiles, spatial_lib_quantiles
         Quantiles of the reference and spatial library sizes (``N_QUANTILES`` values each).
+    class_lib_quantiles
+        Quantiles of each class's reference library sizes (``n_labels × N_CLASS_QUANTILES``; NaN for a
+        class without cells), the depth evidence of spatial cells without counts; ``None``: unknown.
     class_weights
         Weight of each class in the cross-entropy (``n_labels``).
     prior
@@ -135,6 +140,10 @@ class RMGEModule(BaseModuleClass):
         (:meth:`rmge.RMGEModel.novelty_score`); ``None`` uses the initial metagenes.
     label_smoothing
         Label smoothing of the reference cross-entropy.
+    count_evidence
+        Add the count likelihood of each type's reference profile to the activities of spatial cells at
+        prediction (see :meth:`rmge.RMGEModel.calibrate`, which fits the profiles). Meant for counts on
+        both sides.
     """
 
     def __init__(
@@ -152,6 +161,7 @@ class RMGEModule(BaseModuleClass):
         prior: torch.Tensor | None,
         dropout_rate: float = 0.5,
         standardize: bool = True,
+        class_lib_quantiles: torch.Tensor | None = None,
         sparsity_matching: bool = True,
         rank_jitter: float = 0.05,
         classification_weight: float = 1.0,
@@ -172,6 +182,7 @@ class RMGEModule(BaseModuleClass):
         init_scale: float = 10.0,
         pseudo_label_agreement: bool = True,
         n_hidden_discriminator: int = 32,
+        count_evidence: bool = False,
     ):
         super().__init__()
         self.n_input = n_input
@@ -201,6 +212,9 @@ class RMGEModule(BaseModuleClass):
         self.register_buffer("ref_lib_quantiles", torch.as_tensor(ref_lib_quantiles, dtype=torch.float32))
         self.register_buffer("spatial_lib_quantiles", torch.as_tensor(spatial_lib_quantiles, dtype=torch.float32))
         self.register_buffer("class_weights", torch.as_tensor(class_weights, dtype=torch.float32))
+        if class_lib_quantiles is None:
+            class_lib_quantiles = torch.full((n_labels, N_CLASS_QUANTILES), float("nan"))
+        self.register_buffer("class_lib_quantiles", torch.as_tensor(class_lib_quantiles, dtype=torch.float32))
         has_prior = prior is not None
         self.register_buffer(
             "prior",
@@ -219,6 +233,13 @@ class RMGEModule(BaseModuleClass):
         # post-hoc temperatures fitted on held-out reference cells (1 until calibrated): one for
         # spatial cells (fitted on reference cells thinned to the spatial depth), one for reference cells
         self.register_buffer("calibration_temperature", torch.ones(1))
+        # count evidence (fitted by RMGEModel.calibrate when count_evidence is on): log of each type's
+        # reference expression profile at the spatial capture, the depth that caps a cell's evidence
+        # (0: no evidence yet) and the temperature of the combined spatial logits
+        self.count_evidence = count_evidence
+        self.register_buffer("count_log_profiles", torch.zeros(n_labels, n_input))
+        self.register_buffer("count_depth", torch.zeros(1))
+        self.register_buffer("count_temperature", torch.ones(1))
         self.register_buffer("reference_calibration_temperature", torch.ones(1))
         # frozen copy of the initial metagenes (used by pseudo_label_agreement)
         self.register_buffer("init_weight", self.encoder.weight.detach().clone())
@@ -519,21 +540,66 @@ class RMGEModule(BaseModuleClass):
         """Learned temperature of spatial logits."""
         return self.log_temperature.exp()
 
+    @property
+    def has_count_evidence(self) -> bool:
+        """Whether predictions of spatial cells add the count evidence (on, and fitted)."""
+        return bool(self.count_evidence) and float(self.count_depth) > 0
+
+    def count_log_likelihood(self, x) -> torch.Tensor:
+        """Count evidence of each type for cells of counts ``x`` (a tensor, or a SciPy sparse matrix).
+
+        The multinomial log-likelihood of the cell's counts under each type's profile,
+        ``sum_g x_g log p_type,g``, scaled by ``min(1, count_depth / depth)``: a cell deeper than
+        ``count_depth`` counts as that deep, since a type's cells differ from its mean profile and
+        the evidence of independent counts would grow without bound with depth.
+        Each row is shifted by its largest value (softmax does not see it), so that deep cells keep the
+        precision of single floats.
+        """
+        log_p = self.count_log_profiles
+        if isinstance(x, torch.Tensor):
+            x = x.double().to(log_p.device)
+            ll, depth = x @ log_p.double().T, x.sum(-1)
+        else:
+            ll = torch.from_numpy(np.asarray(x @ log_p.double().cpu().numpy().T, dtype=np.float64))
+            depth = torch.from_numpy(np.asarray(x.sum(axis=1), dtype=np.float64).reshape(-1))
+            ll, depth = ll.to(log_p.device), depth.to(log_p.device)
+        if ll.shape[0]:
+            ll = ll - ll.max(-1, keepdim=True).values
+        scale = (self.count_depth.double() / depth.clamp(min=1e-8)).clamp(max=1.0)
+        return (ll * scale.view(-1, 1)).float()
+
+    def spatial_logits(self, z: torch.Tensor, evidence: torch.Tensor | None = None) -> torch.Tensor:
+        """Calibrated logits of spatial cells.
+
+        The activities over the spatial calibration temperature, plus the count evidence (when fitted),
+        over the evidence's own temperature.
+        """
+        logits = z / self.calibration_temperature
+        if evidence is not None and self.has_count_evidence:
+            logits = (logits + evidence) / self.count_temperature
+        return logits
+
     def probabilities(
-        self, z: torch.Tensor, is_query: torch.Tensor | None = None, calibrated: bool = False
+        self,
+        z: torch.Tensor,
+        is_query: torch.Tensor | None = None,
+        calibrated: bool = False,
+        evidence: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Class probabilities; spatial (query) logits are divided by the learned temperature.
 
         With ``calibrated=True`` the learned temperature is not applied; logits are instead divided by
         the calibration temperature fitted after training (:meth:`rmge.RMGEModel.calibrate`): the
         reference one for reference cells, the spatial one for spatial cells (and for every cell
-        when ``is_query`` is ``None``).
+        when ``is_query`` is ``None``). Spatial cells' ``evidence`` (:meth:`count_log_likelihood`),
+        when given and fitted, is added to their logits (:meth:`spatial_logits`).
         """
         if calibrated:
+            spatial = self.spatial_logits(z, evidence)
             if is_query is None:
-                return F.softmax(z / self.calibration_temperature, dim=-1)
-            t = torch.where(is_query.view(-1, 1), self.calibration_temperature, self.reference_calibration_temperature)
-            return F.softmax(z / t, dim=-1)
+                return F.softmax(spatial, dim=-1)
+            reference = z / self.reference_calibration_temperature
+            return F.softmax(torch.where(is_query.view(-1, 1), spatial, reference), dim=-1)
         if is_query is not None:
             scale = torch.where(is_query.view(-1, 1), 1.0 / self.temperature, torch.ones_like(self.temperature))
             z = z * scale
@@ -545,6 +611,13 @@ class RMGEModule(BaseModuleClass):
         key = prefix + "reference_calibration_temperature"
         if key not in state_dict and prefix + "calibration_temperature" in state_dict:
             state_dict[key] = state_dict[prefix + "calibration_temperature"].clone()
+        for name in ("count_log_profiles", "count_depth", "count_temperature"):
+            # models saved before count evidence: none (depth 0)
+            if prefix + name not in state_dict:
+                state_dict[prefix + name] = getattr(self, name).detach().clone()
+        if prefix + "class_lib_quantiles" not in state_dict:
+            # unknown: cells without counts get the spatial composition
+            state_dict[prefix + "class_lib_quantiles"] = torch.full_like(self.class_lib_quantiles, float("nan"))
         if prefix + "centroids" not in state_dict and prefix + "init_weight" in state_dict:
             w = state_dict[prefix + "init_weight"]
             state_dict[prefix + "centroids"] = unit_rows(w)
