@@ -273,6 +273,31 @@ def test_sparse_inference_equals_the_module(small_adata, settings):
     np.testing.assert_allclose(z, dense.numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_sparse_inference_computes_the_count_evidence(small_adata):
+    # the compiled pass fills the count evidence alongside the activities, equal to the module's own
+    adata = small_adata.copy()
+    scvi.settings.seed = 0
+    RMGEModel.setup_anndata(adata, labels_key=LABELS, batch_key=None)
+    model = RMGEModel(adata)
+    module = model.module
+    module.eval()
+    rng = np.random.default_rng(0)
+    profiles = rng.dirichlet(np.ones(module.n_input), size=module.n_labels)
+    module.count_log_profiles.copy_(torch.as_tensor(np.log(profiles), dtype=torch.float32))
+    X = sp.csr_matrix(adata.X)
+    lib = np.asarray(X.sum(1)).ravel()
+    module.count_depth.fill_(float(np.median(lib)))  # deeper cells are scaled down, shallower ones not
+    groups = np.array(model.adata_manager.get_from_registry("batch")).ravel()
+    evidence = np.empty((X.shape[0], module.n_labels), dtype=np.float32)
+    z = sparse_logits(module, X, groups, evidence=evidence)
+    np.testing.assert_allclose(z, sparse_logits(module, X, groups), rtol=1e-6, atol=1e-6)
+    # by hand: the multinomial log-likelihood, shifted by its row maximum, scaled by min(1, depth / library)
+    ll = X @ np.log(profiles.astype(np.float32)).astype(np.float64).T
+    expected = (ll - ll.max(1, keepdims=True)) * np.minimum(1.0, float(module.count_depth) / lib)[:, None]
+    np.testing.assert_allclose(evidence, expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(module.count_log_likelihood(X).numpy(), expected, rtol=1e-4, atol=1e-3)
+
+
 # ------------------------------------------------------------------ loader and stopping point
 
 

@@ -641,12 +641,16 @@ def _target_sum() -> float:
 @_njit(fastmath=True)
 def _encode_rows(
     data, indices, indptr, groups, target_sum, params, weight_t, zero_w, zero_sum, zero_sq, max_z, standardize,
-    cosine, w_sum, log_scale, bias, out,
+    cosine, w_sum, log_scale, bias, out, n_out, count_depth, evidence,
 ):  # pragma: no cover - compiled  # fmt: skip
     n_rows = len(indptr) - 1
-    n_out = weight_t.shape[1]
     n_genes = weight_t.shape[0]
     n_types = out.shape[1]
+    # count evidence (when ``evidence`` has rows): sum_g x_g log p_k,g, shifted by its row maximum and scaled
+    # by min(1, count_depth / library size), as RMGEModule.count_log_likelihood. The log-profiles sit in
+    # ``weight_t``'s columns n_out to 2 n_out, beside the metagenes, so that one row read serves both
+    with_evidence = evidence.shape[0] > 0
+    acc_ev = np.zeros(n_out, dtype=np.float32)
     # products with the metagenes accumulate in float32 (as the module's own matrix product), in a loop that
     # vectorises; sums and sums of squares of the profile in float64
     acc = np.zeros(n_out, dtype=np.float32)
@@ -667,6 +671,7 @@ def _encode_rows(
         acc_sq = zero_sq[g]
         for k in range(n_out):
             acc[k] = 0.0
+            acc_ev[k] = 0.0
         for j in range(start, stop):
             v = float(data[j])
             if v == 0.0:
@@ -689,6 +694,10 @@ def _encode_rows(
             w = weight_t[col]
             for k in range(n_out):
                 acc[k] += d32 * w[k]
+            if with_evidence:
+                v32 = np.float32(v)
+                for k in range(n_out):
+                    acc_ev[k] += v32 * w[n_out + k]
         if cosine:
             # centre the profile on its mean over genes, then divide by the norm of the centred profile
             mu = acc_sum / n_genes
@@ -698,9 +707,16 @@ def _encode_rows(
         else:
             for k in range(n_types):
                 out[i, k] = zero_w[g, k] + acc[k] + bias[k]
+        if with_evidence:
+            top_ev = acc_ev[0]
+            for k in range(1, n_types):
+                top_ev = max(top_ev, acc_ev[k])
+            scale = min(1.0, count_depth / max(lib, 1e-8))
+            for k in range(n_types):
+                evidence[i, k] = (acc_ev[k] - top_ev) * scale
 
 
-def sparse_logits(module, block, groups: np.ndarray) -> np.ndarray | None:
+def sparse_logits(module, block, groups: np.ndarray, evidence: np.ndarray | None = None) -> np.ndarray | None:
     """Metagene activities of a CSR block of counts, computed from its non-zero entries alone.
 
     Equals ``module.inference(x, group)["z"]`` in evaluation mode (no dropout, no thinning): the
@@ -717,6 +733,9 @@ def sparse_logits(module, block, groups: np.ndarray) -> np.ndarray | None:
         CSR matrix of counts (cells × genes).
     groups
         Standardisation group code of each row.
+    evidence
+        Optional ``float32`` array (cells × types) that receives the count evidence in the same pass
+        (equal to :meth:`RMGEModule.count_log_likelihood` of the block).
 
     Returns
     -------
@@ -752,14 +771,22 @@ def sparse_logits(module, block, groups: np.ndarray) -> np.ndarray | None:
     params = np.ascontiguousarray(np.stack([mean, inv_std, zero], axis=-1))
     # metagenes padded with zero columns to a multiple of 8 (whole SIMD registers in the kernel's inner loop)
     n_pad = -(-n_out // 8) * 8
-    weight_t32 = np.zeros((n_genes, n_pad), dtype=np.float32)
+    # with count evidence, the log-profiles follow the metagenes in each gene's row (one read serves both)
+    weight_t32 = np.zeros((n_genes, 2 * n_pad if evidence is not None else n_pad), dtype=np.float32)
     weight_t32[:, :n_out] = weight_t
+    if evidence is not None:
+        weight_t32[:, n_pad : n_pad + n_out] = module.count_log_profiles.detach().cpu().numpy().T
     zero_w = np.zeros((n_groups, n_pad))
     zero_w[:, :n_out] = zero @ weight_t
     zero_sum, zero_sq = zero.sum(1), (zero**2).sum(1)
     w_sum = weight_t.sum(0)
     bias = np.zeros(n_out) if bias is None else np.ascontiguousarray(bias, dtype=np.float64)
     z = np.empty((n, n_out), dtype=np.float32)
+    if evidence is not None:
+        count_depth = float(module.count_depth)
+    else:
+        count_depth = 0.0
+        evidence = np.empty((0, n_out), dtype=np.float32)
 
     def rows(start: int, stop: int) -> None:
         _encode_rows(
@@ -780,6 +807,9 @@ def sparse_logits(module, block, groups: np.ndarray) -> np.ndarray | None:
             log_scale,
             bias,
             z[start:stop],
+            n_pad,
+            count_depth,
+            evidence[start:stop] if evidence.shape[0] else evidence,
         )
 
     # the kernel releases the GIL: row ranges run on torch's number of threads

@@ -943,22 +943,28 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         self.module.eval()
         use_sparse = self.module.encoder.weight.device.type == "cpu"
         with_evidence = self.module.has_count_evidence
+        k = len(self.classes_)
         zs, empty, evidence = [], [], []
         for r, block in _row_blocks(X, rows, dtype=None):
             g = groups[r]
-            if with_evidence:
-                evidence.append(self.module.count_log_likelihood(block).cpu())
             empty.append(np.asarray(block.sum(axis=1)).ravel() <= 0 if new else np.zeros(len(r), dtype=bool))
-            z = sparse_logits(self.module, block, g) if use_sparse else None
+            ev = np.empty((block.shape[0], k), dtype=np.float32) if with_evidence and use_sparse else None
+            z = sparse_logits(self.module, block, g, evidence=ev) if use_sparse else None
             if z is not None and not zs:
                 # guard: the sparse path must reproduce the module's own forward pass
                 n_check = min(block.shape[0], 64)
                 ref = self._dense_logits(block[:n_check], g[:n_check], batch_size).numpy()
-                if not np.allclose(z[:n_check], ref, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(ref).max()))):
+                agree = np.allclose(z[:n_check], ref, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(ref).max())))
+                if ev is not None:
+                    ref_ev = self.module.count_log_likelihood(block[:n_check]).cpu().numpy()
+                    agree &= np.allclose(ev[:n_check], ref_ev, rtol=1e-4, atol=1e-3)
+                if not agree:
                     logger.warning("Sparse inference disagrees with the module; using dense minibatches instead.")
-                    use_sparse, z = False, None
+                    use_sparse, z, ev = False, None, None
             zs.append(torch.from_numpy(z) if z is not None else self._dense_logits(block, g, batch_size))
-        k = len(self.classes_)
+            if with_evidence:
+                ev = torch.from_numpy(ev) if ev is not None else self.module.count_log_likelihood(block).cpu()
+                evidence.append(ev)
         if not zs:
             none = torch.zeros((0, k)) if with_evidence else None
             return adata, torch.zeros((0, k)), torch.zeros(0, dtype=torch.bool), np.zeros(0, bool), none
