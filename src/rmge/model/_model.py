@@ -948,7 +948,9 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         for r, block in _row_blocks(X, rows, dtype=None):
             g = groups[r]
             empty.append(np.asarray(block.sum(axis=1)).ravel() <= 0 if new else np.zeros(len(r), dtype=bool))
-            ev = np.empty((block.shape[0], k), dtype=np.float32) if with_evidence and use_sparse else None
+            # count evidence serves spatial cells only: blocks of reference cells alone skip it
+            block_evidence = with_evidence and bool((domain[r] == 1).any())
+            ev = np.empty((block.shape[0], k), dtype=np.float32) if block_evidence and use_sparse else None
             z = sparse_logits(self.module, block, g, evidence=ev) if use_sparse else None
             if z is not None and not zs:
                 # guard: the sparse path must reproduce the module's own forward pass
@@ -963,7 +965,12 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
                     use_sparse, z, ev = False, None, None
             zs.append(torch.from_numpy(z) if z is not None else self._dense_logits(block, g, batch_size))
             if with_evidence:
-                ev = torch.from_numpy(ev) if ev is not None else self.module.count_log_likelihood(block).cpu()
+                if ev is not None:
+                    ev = torch.from_numpy(ev)
+                elif block_evidence:
+                    ev = self.module.count_log_likelihood(block).cpu()
+                else:
+                    ev = torch.zeros((block.shape[0], k))
                 evidence.append(ev)
         if not zs:
             none = torch.zeros((0, k)) if with_evidence else None
