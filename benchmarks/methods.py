@@ -280,7 +280,7 @@ def tangram(reference, query, labels_key, seed=0, max_epochs=None, **options):
     return _argmax_labels(proba), proba
 
 
-def _rmge(reference, query, labels_key, original, seed=0, max_epochs=None, **options):
+def _rmge(reference, query, labels_key, original, seed=0, max_epochs=None, counts=False, **options):
     """The documented user journey: ``prepare`` -> ``setup_anndata`` -> ``RMGEModel`` -> ``train`` -> ``predict``.
 
     The query is passed as it is (``prepare`` undoes ``log1p`` of log-normalised values itself).
@@ -296,7 +296,8 @@ def _rmge(reference, query, labels_key, original, seed=0, max_epochs=None, **opt
     adata = rmge.pp.prepare(reference, query, labels_key=labels_key)
     q_idx = np.flatnonzero((adata.obs[DOMAIN_KEY].astype(str) == SPATIAL_DOMAIN).to_numpy())
     rmge.RMGEModel.setup_anndata(adata, labels_key=labels_key, domain_key=DOMAIN_KEY)
-    model = rmge.RMGEModel(adata, **(dict(rmge.RMGEModel.ORIGINAL) if original else {}))
+    settings = dict(rmge.RMGEModel.ORIGINAL) if original else {"count_evidence": "auto"} if counts else {}
+    model = rmge.RMGEModel(adata, **settings)
     model.train(**({} if max_epochs is None else {"max_epochs": max_epochs}))
     soft = model.predict(indices=q_idx, soft=True)
     # prepare() drops query cells without a single count over the used genes; as predict() does for such
@@ -313,6 +314,9 @@ def _rmge(reference, query, labels_key, original, seed=0, max_epochs=None, **opt
     proba = _proba_frame(soft.to_numpy(), soft.columns, query.obs_names)
     labels = _argmax_labels(proba)
     RUN_INFO["impl"] = f"rmge {_version('rmge')}" + (" (ORIGINAL preset)" if original else "")
+    if counts:
+        state = "on" if model.module.has_count_evidence else "off (no counts on both sides)"
+        RUN_INFO["impl"] += f"; count evidence {state}"
     if missing.any():
         RUN_INFO["impl"] += f"; {int(missing.sum())} query cells without counts: empty-cell probabilities"
     return labels, proba
@@ -321,6 +325,11 @@ def _rmge(reference, query, labels_key, original, seed=0, max_epochs=None, **opt
 def rmge(reference, query, labels_key, **options):
     """RMGE with the package defaults (``rmge.RMGEModel(adata)``)."""
     return _rmge(reference, query, labels_key, original=False, **options)
+
+
+def rmge_counts(reference, query, labels_key, **options):
+    """RMGE with count evidence where both sides hold counts (``RMGEModel(adata, count_evidence="auto")``)."""
+    return _rmge(reference, query, labels_key, original=False, counts=True, **options)
 
 
 def rmge_original(reference, query, labels_key, **options):
@@ -332,6 +341,7 @@ def rmge_original(reference, query, labels_key, **options):
 #: the method itself reports them).
 IMPORTS = {
     "rmge": ("scanpy", "rmge", "scvi"),
+    "rmge_counts": ("scanpy", "rmge", "scvi"),
     "rmge_original": ("scanpy", "rmge", "scvi"),
     "centroid": ("scanpy",),
     "logreg": ("scanpy", "sklearn.linear_model"),
@@ -354,6 +364,7 @@ def preload(method: str) -> None:
 
 METHODS = {
     "rmge": rmge,
+    "rmge_counts": rmge_counts,
     "rmge_original": rmge_original,
     "centroid": centroid,
     "logreg": logreg,

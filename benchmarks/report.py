@@ -11,7 +11,7 @@ from pathlib import Path
 
 COLUMNS = ["method", "accuracy", "macro-F1", "balanced accuracy", "ECE", "wall s", "peak MiB", "note"]
 TASK_ORDER = ("moffitt", "granja", "sparsity", "synthetic")
-METHOD_ORDER = ("rmge", "rmge_original", "centroid", "logreg", "celltypist_like", "scanvi", "tangram")
+METHOD_ORDER = ("rmge", "rmge_counts", "rmge_original", "centroid", "logreg", "celltypist_like", "scanvi", "tangram")
 
 
 def load_records(results_dir: Path) -> list[dict]:

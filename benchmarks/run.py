@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 import report  # noqa: E402
 import tasks as task_defs  # noqa: E402
 
-ALL_METHODS = ("rmge", "rmge_original", "centroid", "logreg", "celltypist_like", "scanvi", "tangram")
+ALL_METHODS = ("rmge", "rmge_counts", "rmge_original", "centroid", "logreg", "celltypist_like", "scanvi", "tangram")
 SMOKE_METHODS = ("centroid", "logreg")
 
 

@@ -110,6 +110,14 @@ def trained(synthetic_adata):
 
 
 @pytest.fixture(scope="module")
+def trained_counts(synthetic_adata):
+    """A model with count evidence (``count_evidence=True``), trained once (seed 0)."""
+    adata = synthetic_adata.copy()
+    model = train_model(adata, count_evidence=True)
+    return model, adata
+
+
+@pytest.fixture(scope="module")
 def saved_dir(trained, tmp_path_factory):
     model, _ = trained
     path = tmp_path_factory.mktemp("saved") / "model"
@@ -176,8 +184,22 @@ def test_latent_representation_is_the_logits(trained):
     reference_calibration = float(model.module.reference_calibration_temperature.cpu())
     assert calibration > 0 and reference_calibration > 0
     np.testing.assert_allclose(softmax(z[ref] / reference_calibration, axis=1), probs[ref], atol=1e-5)
-    # spatial cells (counts on both sides: count evidence on) add the count log-likelihood of each type's
-    # profile, each cell's weight capped at the profiles' depth, then divide by the evidence's temperature
+    np.testing.assert_allclose(softmax(z[sp_idx] / calibration, axis=1), probs[sp_idx], atol=1e-5)
+    np.testing.assert_array_equal(classes[z.argmax(1)], labels)
+
+
+def test_count_evidence_enters_the_spatial_probabilities(trained_counts):
+    model, adata = trained_counts
+    z = model.get_latent_representation()
+    labels, probs = predictions(model)
+    classes = np.asarray(model.classes_)
+    ref, sp_idx = reference_indices(adata), spatial_indices(adata)
+    calibration = float(model.module.calibration_temperature.cpu())
+    reference_calibration = float(model.module.reference_calibration_temperature.cpu())
+    # reference cells: the activities alone
+    np.testing.assert_allclose(softmax(z[ref] / reference_calibration, axis=1), probs[ref], atol=1e-5)
+    # spatial cells add the count log-likelihood of each type's profile, each cell's weight capped at the
+    # profiles' depth, then divide by the evidence's temperature
     module = model.module
     assert module.has_count_evidence
     counts = sp.csr_matrix(adata.X[sp_idx])
@@ -191,8 +213,8 @@ def test_latent_representation_is_the_logits(trained):
     np.testing.assert_array_equal(classes[combined.argmax(1)], labels[sp_idx])
 
 
-def test_count_profiles_come_from_the_training_cells(trained):
-    model, adata = trained
+def test_count_profiles_come_from_the_training_cells(trained_counts):
+    model, adata = trained_counts
     module = model.module
     # each type's summed counts of the reference cells outside the calibration set, at the spatial capture
     ref = np.setdiff1d(reference_indices(adata), model.validation_indices)
@@ -212,8 +234,8 @@ def test_count_evidence_helps_sparse_cells():
     # very sparse spatial cells (about 1 % of the reference depth): the counts' likelihood under each type's
     # profile is evidence the standardised profile loses
     adata = make_adata(n_reference=400, n_spatial=400, n_genes=150, spatial_depth_ratio=0.01, seed=5)
-    with_counts = train_model(adata.copy(), seed=0)
-    without = train_model(adata.copy(), seed=0, count_evidence=False)
+    with_counts = train_model(adata.copy(), seed=0, count_evidence=True)
+    without = train_model(adata.copy(), seed=0)
     assert with_counts.module.has_count_evidence and not without.module.has_count_evidence
     acc_with, acc_without = spatial_accuracy(with_counts, adata), spatial_accuracy(without, adata)
     assert acc_with >= acc_without + 0.02, f"with count evidence {acc_with:.3f}, without {acc_without:.3f}"
@@ -227,14 +249,15 @@ def test_count_evidence_needs_counts(synthetic_adata):
     X[sp_idx] = sp.diags(1e4 / np.asarray(spatial.sum(1)).ravel()) @ spatial  # normalised, not counts
     adata.X = sp.csr_matrix(X)
     RMGEModel.setup_anndata(adata, labels_key=LABELS)
-    assert not RMGEModel(adata).module.count_evidence  # "auto": off without counts on both sides
+    assert not RMGEModel(adata, count_evidence="auto").module.count_evidence  # off without counts on both sides
     with pytest.raises(ValueError, match="count_evidence=True needs integer counts in both domains"):
         RMGEModel(adata, count_evidence=True)
     with pytest.raises(ValueError, match="`count_evidence` must be True, False or 'auto'"):
         RMGEModel(adata, count_evidence="yes")
     counts = synthetic_adata.copy()
     RMGEModel.setup_anndata(counts, labels_key=LABELS)
-    assert RMGEModel(counts).module.count_evidence
+    assert not RMGEModel(counts).module.count_evidence  # off by default
+    assert RMGEModel(counts, count_evidence="auto").module.count_evidence
     assert not RMGEModel(counts, **RMGEModel.ORIGINAL).module.count_evidence
 
 
@@ -297,10 +320,10 @@ def test_models_saved_with_one_temperature_still_load(trained, tmp_path):
     )
 
 
-def test_models_saved_before_count_evidence_still_load(trained, tmp_path):
+def test_models_saved_before_count_evidence_still_load(trained_counts, tmp_path):
     # a model saved before the count evidence and the class library sizes: it predicts from the
     # activities alone, and cells without counts get the spatial composition
-    model, adata = trained
+    model, adata = trained_counts
     path = tmp_path / "before_counts"
     model.save(str(path), overwrite=True)
     state = torch.load(path / "model.pt", weights_only=False)

@@ -152,8 +152,11 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         Add to the spatial cells' activities, at prediction, the likelihood of their counts under each
         type's reference expression profile (at the spatial gene capture), with the weight of at most
         a typical reference cell's depth, then recalibrate (:meth:`calibrate`). Sparse cells carry
-        few counts, and how they fall on the genes is the evidence they have. ``"auto"``: on when both
-        domains hold integer counts (sparsity matching on); ``True`` needs counts on both sides.
+        few counts, and how they fall on the genes is the evidence they have. It helps spatial data of
+        single cells (segmented cells, or the sparsity benchmark) and hurts bins that mix several cells,
+        whose counts no single type's profile explains (see the benchmarks page), hence off by default.
+        ``"auto"``: on when both domains hold integer counts (sparsity matching on); ``True`` needs
+        counts on both sides.
     **module_kwargs
         Further keyword arguments of :class:`~rmge.RMGEModule`.
 
@@ -222,7 +225,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         lr: float = 1e-3,
         lr_discriminator: float = 1e-3,
         weight_decay: float = 0.0,
-        count_evidence: bool | Literal["auto"] = "auto",
+        count_evidence: bool | Literal["auto"] = False,
         **module_kwargs,
     ):
         super().__init__(adata)

@@ -380,6 +380,10 @@ class RMGEDataSplitter(LightningDataModule):
         )
 
 
+#: Terms logged through ``LightningModule.log``: early stopping and the progress bar read them.
+_MONITORED = ("train_loss", "validation_loss")
+
+
 class RMGETrainingPlan(TrainingPlan):
     """Training plan with a second optimiser for the domain discriminator (manual optimisation).
 
@@ -478,8 +482,18 @@ class RMGETrainingPlan(TrainingPlan):
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
             weights = self.trainer.strategy.reduce(weights, reduce_op="sum")
         means = (totals / weights.clamp(min=1.0)).cpu()
+        direct = {}
         for name, value in zip(names, means, strict=True):
-            self.log(name, value, on_step=False, on_epoch=True, prog_bar=name in ("train_loss", "validation_loss"))
+            if name in _MONITORED:
+                self.log(name, value, on_step=False, on_epoch=True, prog_bar=True)
+            else:
+                direct[name] = float(value)
+        # The other terms go to the loggers in one call. Through `self.log`, each value costs Lightning about
+        # 1.5 ms (it moves its whole result record to the value's device): 20 terms a validated epoch made
+        # that a third of the training time on small data, which take 3 steps an epoch.
+        if direct and self.trainer is not None:
+            for logger in self.loggers:
+                logger.log_metrics({**direct, "epoch": self.current_epoch}, step=self.global_step)
         sums.clear()
         counts.clear()
 
