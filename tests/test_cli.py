@@ -270,6 +270,22 @@ def test_transfer_reads_stereo_seq_gem_with_original_settings_and_kinds(inputs, 
     assert "Predicted cell types" in out
 
 
+def test_count_evidence_option(inputs):
+    # single cells with counts on both sides: the count evidence is on, and the summary says so
+    reference = ad.read_h5ad(inputs["reference"])
+    spatial = ad.read_h5ad(inputs["spatial"])
+    truth = spatial.obs["truth"].astype(str).to_numpy()
+    result = cli.transfer_labels(reference, spatial, "cell_type", max_epochs=5, count_evidence=True, progress_bar=False)
+    assert result.model.module.has_count_evidence
+    assert spatial.uns[cli.SUMMARY_KEY]["settings"] == "default + count evidence"
+    accuracy = (spatial.obs[cli.PREDICTION_KEY].astype(str).to_numpy() == truth).mean()
+    assert accuracy >= 0.9, accuracy
+    # normalised spatial values are not counts: a clear error instead of a silent switch-off
+    spatial.X = sp.csr_matrix(sp.diags(1e4 / np.asarray(spatial.X.sum(1)).ravel()) @ spatial.X)
+    with pytest.raises(ValueError, match="count_evidence=True needs integer counts"):
+        cli.transfer_labels(reference, spatial, "cell_type", max_epochs=2, count_evidence=True, progress_bar=False)
+
+
 # ------------------------------------------------------------------ errors
 
 

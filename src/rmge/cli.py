@@ -237,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the settings of the original RMGE method (RMGEModel.ORIGINAL) instead of rmge's defaults",
     )
     tr.add_argument(
+        "--count-evidence",
+        action="store_true",
+        help="add the count likelihood of each type's reference profile to the spatial cells' evidence "
+        "(RMGEModel(count_evidence=True)); for single cells with counts (e.g. --bin-size cellbin), not bins "
+        "that mix cells",
+    )
+    tr.add_argument(
         "--unknown-threshold",
         type=_probability,
         default=None,
@@ -486,6 +493,7 @@ def transfer_labels(
     spatial_kind: str = "auto",
     max_epochs: int | None = None,
     original: bool = False,
+    count_evidence: bool = False,
     unknown_threshold: float | None = None,
     novelty_threshold: float | None = None,
     accelerator: str = "auto",
@@ -529,6 +537,9 @@ def transfer_labels(
         Maximum number of training epochs; ``None`` lets :meth:`rmge.RMGEModel.train` choose.
     original
         Use :attr:`rmge.RMGEModel.ORIGINAL` (the original method's settings).
+    count_evidence
+        ``RMGEModel(count_evidence=True)``: add the count likelihood of each type's reference profile to
+        the spatial cells' evidence. Needs counts on both sides; suits single cells, not bins mixing cells.
     unknown_threshold, novelty_threshold
         Label cells ``"Unknown"`` as :meth:`rmge.RMGEModel.predict` does; ``None`` turns each off.
     accelerator
@@ -582,7 +593,10 @@ def transfer_labels(
         layer=info["counts_layer"],
         batch_key=info.get("batch_key"),
     )
-    model = rmge.RMGEModel(adata, **(rmge.RMGEModel.ORIGINAL if original else {}))
+    settings = dict(rmge.RMGEModel.ORIGINAL) if original else {}
+    if count_evidence:
+        settings["count_evidence"] = True
+    model = rmge.RMGEModel(adata, **settings)
     start = time.perf_counter()
     model.train(max_epochs=max_epochs, accelerator=accelerator, enable_progress_bar=progress_bar)
     train_seconds = time.perf_counter() - start
@@ -613,7 +627,7 @@ def transfer_labels(
         **adata.uns[SUMMARY_KEY],
         "n_labelled": len(rows),
         "n_unlabelled": int(n - len(rows)),
-        "settings": "original" if original else "default",
+        "settings": ("original" if original else "default") + (" + count evidence" if count_evidence else ""),
         "n_epochs": int(n_epochs),
     }
     if n > len(rows):
@@ -718,6 +732,7 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
         spatial_kind=args.spatial_kind,
         max_epochs=args.max_epochs,
         original=args.original,
+        count_evidence=args.count_evidence,
         unknown_threshold=args.unknown_threshold,
         novelty_threshold=args.novelty_threshold,
         accelerator=args.accelerator,
