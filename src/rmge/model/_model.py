@@ -15,6 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
+from scipy.optimize import brentq
 from scvi import settings
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LabelsWithUnlabeledObsField, LayerField
@@ -530,7 +531,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         """
         manager = self.adata_manager
         X = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        domain = np.asarray(manager.get_from_registry(REGISTRY_KEYS.DOMAIN_KEY)).ravel()
+        domain = self._domain_codes()
         group = np.asarray(manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).ravel().astype(np.int64)
         labels = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel().astype(np.int64)
         domain_map = list(manager.get_state_registry(REGISTRY_KEYS.DOMAIN_KEY).categorical_mapping)
@@ -718,7 +719,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             second update of each step needs); each process then takes its own share of every pass, and
             early stopping is off (scvi-tools' rule for DDP).
         """
-        domain = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.DOMAIN_KEY)).ravel()
+        domain = self._domain_codes()
         labels = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
         ref_idx = np.flatnonzero(domain == 0)
         query_idx = np.flatnonzero(domain == 1)
@@ -830,7 +831,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         if indices is None or len(indices) == 0:
             raise ValueError("No held-out reference cells to calibrate on: pass `indices` of labelled reference cells.")
         indices = np.asarray(indices)
-        domain = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.DOMAIN_KEY)).ravel()[indices]
+        domain = self._domain_codes()[indices]
         if (domain != 0).any():
             raise ValueError("Calibration needs labelled reference cells; some `indices` are spatial cells.")
         labels = torch.as_tensor(np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel())
@@ -865,18 +866,20 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             nll = torch.stack([torch.nn.functional.cross_entropy(z / t, y) for t in grid])
             return float(grid[int(nll.argmin())])
 
-        best = fit(torch.cat(zs), 0.5)
+        z_thin = torch.cat(zs)
+        best = fit(z_thin, 0.5)
         # reference cells are predicted at their own depth and in their own domain: their temperature
         # is fitted on the unthinned cells, without the lower bound that protects spatial predictions
         self.module.calibration_temperature.fill_(best)
         self.module.reference_calibration_temperature.fill_(fit(torch.cat(zs_ref), 0.05))
         if counting:
             # the combined logits (activities over their temperature plus the count evidence) get their own
-            combined = torch.cat(zs) / best + torch.cat(evidence).to(torch.cat(zs).dtype)
+            combined = z_thin / best + torch.cat(evidence).to(z_thin.dtype)
             self.module.count_temperature.fill_(fit(combined, 0.5))
         return best
 
     def _domain_codes(self) -> np.ndarray:
+        """Domain code of each cell of the set-up AnnData (0: reference, 1: spatial)."""
         return np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.DOMAIN_KEY)).ravel()
 
     def _fit_count_profiles(self, rows: np.ndarray) -> None:
@@ -981,6 +984,16 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         ev = torch.cat(evidence) if with_evidence else None
         return adata, torch.cat(zs), torch.from_numpy(domain[rows] == 1), np.concatenate(empty), ev
 
+    def _calibrated_probabilities(self, z, is_query, evidence) -> torch.Tensor:
+        """Predicted probabilities (on the CPU) from the output of :meth:`_forward_all`.
+
+        The learned spatial temperature serves the discriminator during training; predicted probabilities
+        use the calibration temperatures (measured to be better calibrated) and the count evidence, if any.
+        """
+        dev = self.module.temperature.device
+        evidence = None if evidence is None else evidence.to(dev)
+        return self.module.probabilities(z.to(dev), is_query.to(dev), calibrated=True, evidence=evidence).cpu()
+
     def _obs_names(self, adata, indices):
         names = adata.obs_names
         return names if indices is None else names[np.asarray(indices)]
@@ -1037,11 +1050,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
                 f"got {novelty_threshold}."
             )
         adata, z, is_query, empty, evidence = self._forward_all(adata, indices, batch_size)
-        # the learned spatial temperature serves the discriminator during training; predicted
-        # probabilities use the calibration temperature alone (measured to be better calibrated)
-        dev = self.module.temperature.device
-        evidence = None if evidence is None else evidence.to(dev)
-        probs = self.module.probabilities(z.to(dev), is_query.to(dev), calibrated=True, evidence=evidence).cpu().numpy()
+        probs = self._calibrated_probabilities(z, is_query, evidence).numpy()
         if empty.any():
             # a cell without counts carries no expression profile, only its depth: the spatial composition
             # weighted by each type's chance of leaving a cell empty
@@ -1128,14 +1137,10 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         if int(n_neighbors) < 1:
             raise ValueError(f"`n_neighbors` must be at least 1, got {n_neighbors}.")
         adata, z, is_query, empty, evidence = self._forward_all(adata, indices, batch_size)
-        # the predicted type, as predict() gives it
-        dev = self.module.temperature.device
-        evidence = None if evidence is None else evidence.to(dev)
-        predicted = self.module.probabilities(z.to(dev), is_query.to(dev), calibrated=True, evidence=evidence)
         scores = self._novelty(
             adata,
             indices,
-            predicted.argmax(1).cpu().numpy(),
+            self._calibrated_probabilities(z, is_query, evidence).argmax(1).numpy(),  # the type predict() gives
             is_query.numpy(),
             empty,
             batch_size,
@@ -1167,7 +1172,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         if cached is None:
             # the set-up AnnData holds no cell without counts (setup_anndata refuses them): predict() never
             # comes back here
-            domain = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.DOMAIN_KEY)).ravel()
+            domain = self._domain_codes()
             probs = self.predict(indices=np.flatnonzero(domain == 1), soft=True, batch_size=batch_size)
             mean = probs.to_numpy(dtype=np.float64).mean(0)
             cached = self._composition = pd.Series(mean / mean.sum(), index=list(self.classes_), name="composition")
@@ -1216,14 +1221,11 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             nonzero = (weights * (-np.expm1(-s * class_q)).mean(1)).sum()
             return mean / max(nonzero, 1e-300)
 
-        # the zero-truncated mean rises from 1 (s -> 0) without bound: bisection on log s
+        # the zero-truncated mean rises from 1 (s -> 0) without bound: one root in log s
         lo, hi = -30.0, 10.0
         if depth <= 1.0 or truncated_mean(hi) < depth:
             return None
-        for _ in range(100):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if truncated_mean(mid) < depth else (lo, mid)
-        s = np.exp(0.5 * (lo + hi))
+        s = np.exp(brentq(lambda log_s: truncated_mean(log_s) - depth, lo, hi, xtol=1e-12))
         return np.exp(-s * class_q).mean(1)
 
     @torch.inference_mode()
