@@ -261,6 +261,44 @@ def test_count_evidence_needs_counts(synthetic_adata):
     assert not RMGEModel(counts, **RMGEModel.ORIGINAL).module.count_evidence
 
 
+def test_auto_dropout_follows_sparsity_matching(synthetic_adata):
+    counts = synthetic_adata.copy()
+    RMGEModel.setup_anndata(counts, labels_key=LABELS)
+    # counts on both sides: the reference is thinned to the spatial depth, so less dropout on top,
+    # the less the shallower the spatial cells: 0.5 * L / (L + 10) for a median spatial depth L
+    sp_idx = spatial_indices(counts)
+    depth = float(np.median(np.asarray(counts.X[sp_idx].sum(1)).ravel()))
+    expected = 0.5 * depth / (depth + 10.0)
+    assert RMGEModel(counts).module.dropout.p == pytest.approx(expected, abs=2e-3)
+    assert f"dropout {RMGEModel(counts).module.dropout.p}," in RMGEModel(counts)._model_summary_string
+    assert RMGEModel(counts, sparsity_matching=False).module.dropout.p == pytest.approx(0.8)
+    assert RMGEModel(counts, dropout_rate=0.3).module.dropout.p == pytest.approx(0.3)
+    assert RMGEModel(counts, **RMGEModel.ORIGINAL).module.dropout.p == pytest.approx(0.8)
+    shallow = make_adata(n_reference=200, n_spatial=200, n_genes=100, spatial_depth_ratio=0.002, seed=1)
+    RMGEModel.setup_anndata(shallow, labels_key=LABELS)
+    assert RMGEModel(shallow).module.dropout.p < 0.5 * expected
+    normalised = synthetic_adata.copy()
+    X = sp.csr_matrix(normalised.X, dtype=np.float32, copy=True).tolil()
+    spatial = sp.csr_matrix(X[sp_idx])
+    X[sp_idx] = sp.diags(1e4 / np.asarray(spatial.sum(1)).ravel()) @ spatial
+    normalised.X = sp.csr_matrix(X)
+    RMGEModel.setup_anndata(normalised, labels_key=LABELS)
+    assert RMGEModel(normalised).module.dropout.p == pytest.approx(0.8)  # no thinning: the original's dropout
+
+
+def test_auto_dropout_helps_shallow_spatial_cells():
+    # spatial cells with ~6 counts: the thinned reference already has their depth; dropout 0.8 on top
+    # leaves about one count per training cell (auto: about 0.2)
+    adata = make_adata(n_reference=400, n_spatial=400, n_genes=150, spatial_depth_ratio=0.003, seed=5)
+    gains = []
+    for seed in (0, 1):
+        auto = train_model(adata.copy(), seed=seed)
+        heavy = train_model(adata.copy(), seed=seed, dropout_rate=0.8)
+        assert auto.module.dropout.p < 0.5
+        gains.append(spatial_accuracy(auto, adata) - spatial_accuracy(heavy, adata))
+    assert np.mean(gains) >= 0.015, f"accuracy gains of auto dropout over 0.8: {gains}"
+
+
 def test_calibration_is_reproducible_and_checks_its_cells(trained):
     model, adata = trained
     fitted = float(model.module.calibration_temperature.cpu())
@@ -754,7 +792,8 @@ def test_unknown_prior_class(small_adata):
         ({"reconstruct": "x"}, "`reconstruct` must be one of"),
         ({"adversarial_target": "x"}, "`adversarial_target` must be one of"),
         ({"class_weight": "x"}, "`class_weight` must be one of"),
-        ({"dropout_rate": 1.0}, r"`dropout_rate` must be in \[0, 1\)"),
+        ({"dropout_rate": 1.0}, r"`dropout_rate` must be 'auto' or a number in \[0, 1\)"),
+        ({"dropout_rate": "high"}, r"`dropout_rate` must be 'auto' or a number in \[0, 1\)"),
         ({"prior": "x"}, "`prior` must be 'reference', 'uniform'"),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
