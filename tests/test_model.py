@@ -651,6 +651,18 @@ def test_training_after_prediction_trains_as_a_fresh_model(synthetic_adata):
     np.testing.assert_allclose(predictions(asked)[1], predictions(fresh)[1], rtol=1e-5, atol=1e-6)
 
 
+def test_pseudo_labels_count_from_the_first_step(synthetic_adata):
+    # the metagenes start at the reference centroids, the pseudo-labels' best teacher: no warm-up by default
+    default = train_model(synthetic_adata.copy(), seed=0, max_epochs=3)
+    warm = synthetic_adata.copy()
+    RMGEModel.setup_anndata(warm, labels_key=LABELS)
+    warmed = RMGEModel(warm)
+    warmed.train(max_epochs=3, plan_kwargs={"pseudo_label_warmup": 0.5}, **TRAIN_KWARGS)
+    key = next(k for k in default.history if k.startswith("pseudo_label_loss") and "train" in k)
+    assert float(default.history[key].iloc[0, 0]) > 0
+    assert float(warmed.history[key].iloc[0, 0]) == 0.0
+
+
 def test_adversarial_warmup_leaves_the_adversary_out(synthetic_adata):
     # a warm-up that lasts all training gives the model trained without the adversarial term (the
     # discriminator still trains, on detached probabilities, and draws no random numbers)

@@ -58,6 +58,8 @@ _DEFAULT_STEPS = 6_000
 _MAX_DEFAULT_EPOCH_STEPS = 300
 #: Minibatches of each validation in that regime (10,240 held-out reference cells at the default batch size).
 _MAX_DEFAULT_VALIDATION_BATCHES = 40
+#: Fraction of ``max_epochs`` before early stopping watches the validation loss (with pseudo-labels).
+_EARLY_STOPPING_WARMUP = 0.4
 
 
 def _auto_dropout(sparsity_matching: bool, spatial_lib_quantiles: np.ndarray) -> float:
@@ -700,8 +702,9 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
 
         Each step sees ``batch_size`` reference and ``batch_size`` spatial cells; an epoch is a pass
         over the larger domain. Pseudo-labels enter after ``pseudo_label_warmup`` (a fraction of
-        ``max_epochs``, default 0.2) and ramp up over as long again; from then on training stops early
-        when the validation loss (held-out reference cells with a sample of spatial cells) stops improving.
+        ``max_epochs``, a training-plan argument; default 0, from the start) and ramp up over as long
+        again; once they have and 40 % of ``max_epochs`` have passed, training stops early when the
+        validation loss (held-out reference cells with a sample of spatial cells) stops improving.
 
         By default (``max_epochs=None``) training takes about 6,000 steps. Where a pass over the larger
         domain takes more than 300 steps (more than 76,800 cells with the default ``batch_size``), an
@@ -799,12 +802,16 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
                 early_stopping = False
         plan_kwargs = {**getattr(self, "_plan_defaults", {}), **(plan_kwargs or {})}
         training_plan = self._training_plan_cls(self.module, **plan_kwargs)
-        # early stopping watches the total validation loss once the pseudo-label weight has fully ramped up
-        warmup = plan_kwargs.get("pseudo_label_warmup", 0.2) if self.module.pseudo_label_weight > 0 else 0.0
+        # with pseudo-labels, early stopping watches the total validation loss once their weight has fully
+        # ramped up and the adaptation has had _EARLY_STOPPING_WARMUP of max_epochs to settle
+        if self.module.pseudo_label_weight > 0:
+            warmup = max(2 * plan_kwargs.get("pseudo_label_warmup", 0.0), _EARLY_STOPPING_WARMUP)
+        else:
+            warmup = 0.0
         trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
         trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
         trainer_kwargs.setdefault("early_stopping_mode", "min")
-        trainer_kwargs.setdefault("early_stopping_warmup_epochs", int(np.ceil(2 * warmup * max_epochs)))
+        trainer_kwargs.setdefault("early_stopping_warmup_epochs", int(np.ceil(warmup * max_epochs)))
         trainer_kwargs["early_stopping"] = early_stopping
         if early_stopping:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)

@@ -402,7 +402,10 @@ class RMGETrainingPlan(TrainingPlan):
         Weight decay of the model optimiser.
     pseudo_label_warmup
         Fraction of ``max_epochs`` before pseudo-labels enter the loss; their weight then ramps
-        up linearly over the same number of epochs.
+        up linearly over the same number of epochs. Default 0: full weight from the first step, while
+        the metagenes are still the reference centroids, the pseudo-labels' best teacher (a type the
+        centroids find in the spatial data is kept, instead of being merged into another by the first
+        epochs of training on the reference).
     adversarial_warmup
         Fraction of ``max_epochs`` before the adversarial term enters the loss.
     """
@@ -413,7 +416,7 @@ class RMGETrainingPlan(TrainingPlan):
         lr: float = 1e-2,
         lr_discriminator: float = 1e-3,
         weight_decay: float = 0.0,
-        pseudo_label_warmup: float = 0.2,
+        pseudo_label_warmup: float = 0.0,
         adversarial_warmup: float = 0.0,
         **kwargs,
     ):
