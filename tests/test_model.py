@@ -80,6 +80,17 @@ def spatial_accuracy(model: RMGEModel, adata: ad.AnnData) -> float:
     return float((model.predict(indices=idx) == truth).mean())
 
 
+def normalised_spatial(adata: ad.AnnData) -> ad.AnnData:
+    """A copy of ``adata`` whose spatial cells hold values normalised to 10,000 per cell (not counts)."""
+    adata = adata.copy()
+    sp_idx = spatial_indices(adata)
+    X = sp.csr_matrix(adata.X, dtype=np.float32, copy=True).tolil()
+    spatial = sp.csr_matrix(X[sp_idx])
+    X[sp_idx] = sp.diags(1e4 / np.asarray(spatial.sum(1)).ravel()) @ spatial
+    adata.X = sp.csr_matrix(X)
+    return adata
+
+
 def train_model(adata: ad.AnnData, seed: int = 0, max_epochs: int = MAX_EPOCHS, **model_kwargs) -> RMGEModel:
     scvi.settings.seed = seed
     RMGEModel.setup_anndata(adata, labels_key=LABELS)
@@ -242,12 +253,7 @@ def test_count_evidence_helps_sparse_cells():
 
 
 def test_count_evidence_needs_counts(synthetic_adata):
-    adata = synthetic_adata.copy()
-    sp_idx = spatial_indices(adata)
-    X = sp.csr_matrix(adata.X, dtype=np.float32, copy=True).tolil()
-    spatial = sp.csr_matrix(X[sp_idx])
-    X[sp_idx] = sp.diags(1e4 / np.asarray(spatial.sum(1)).ravel()) @ spatial  # normalised, not counts
-    adata.X = sp.csr_matrix(X)
+    adata = normalised_spatial(synthetic_adata)
     RMGEModel.setup_anndata(adata, labels_key=LABELS)
     assert not RMGEModel(adata, count_evidence="auto").module.count_evidence  # off without counts on both sides
     with pytest.raises(ValueError, match="count_evidence=True needs integer counts in both domains"):
@@ -269,19 +275,16 @@ def test_auto_dropout_follows_sparsity_matching(synthetic_adata):
     sp_idx = spatial_indices(counts)
     depth = float(np.median(np.asarray(counts.X[sp_idx].sum(1)).ravel()))
     expected = 0.5 * depth / (depth + 10.0)
-    assert RMGEModel(counts).module.dropout.p == pytest.approx(expected, abs=2e-3)
-    assert f"dropout {RMGEModel(counts).module.dropout.p}," in RMGEModel(counts)._model_summary_string
+    auto = RMGEModel(counts)
+    assert auto.module.dropout.p == pytest.approx(expected, abs=2e-3)
+    assert f"dropout {auto.module.dropout.p}," in auto._model_summary_string
     assert RMGEModel(counts, sparsity_matching=False).module.dropout.p == pytest.approx(0.8)
     assert RMGEModel(counts, dropout_rate=0.3).module.dropout.p == pytest.approx(0.3)
     assert RMGEModel(counts, **RMGEModel.ORIGINAL).module.dropout.p == pytest.approx(0.8)
     shallow = make_adata(n_reference=200, n_spatial=200, n_genes=100, spatial_depth_ratio=0.002, seed=1)
     RMGEModel.setup_anndata(shallow, labels_key=LABELS)
     assert RMGEModel(shallow).module.dropout.p < 0.5 * expected
-    normalised = synthetic_adata.copy()
-    X = sp.csr_matrix(normalised.X, dtype=np.float32, copy=True).tolil()
-    spatial = sp.csr_matrix(X[sp_idx])
-    X[sp_idx] = sp.diags(1e4 / np.asarray(spatial.sum(1)).ravel()) @ spatial
-    normalised.X = sp.csr_matrix(X)
+    normalised = normalised_spatial(synthetic_adata)
     RMGEModel.setup_anndata(normalised, labels_key=LABELS)
     assert RMGEModel(normalised).module.dropout.p == pytest.approx(0.8)  # no thinning: the original's dropout
 

@@ -72,7 +72,7 @@ def _auto_dropout(sparsity_matching: bool, spatial_lib_quantiles: np.ndarray) ->
     """
     if not sparsity_matching:
         return DROPOUT_UNTHINNED
-    depth = float(np.median(spatial_lib_quantiles)) if len(spatial_lib_quantiles) else 0.0
+    depth = float(np.median(spatial_lib_quantiles))  # zeros without spatial cells
     return round(DROPOUT_THINNED * depth / (depth + DROPOUT_HALF_DEPTH), 3)
 
 
@@ -805,7 +805,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         # with pseudo-labels, early stopping watches the total validation loss once their weight has fully
         # ramped up and the adaptation has had _EARLY_STOPPING_WARMUP of max_epochs to settle
         if self.module.pseudo_label_weight > 0:
-            warmup = max(2 * plan_kwargs.get("pseudo_label_warmup", 0.0), _EARLY_STOPPING_WARMUP)
+            warmup = max(2 * training_plan.pseudo_label_warmup, _EARLY_STOPPING_WARMUP)
         else:
             warmup = 0.0
         trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
