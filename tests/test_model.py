@@ -49,6 +49,7 @@ def make_adata(
     n_classes: int = N_CLASSES,
     spatial_depth_ratio: float = 0.1,
     seed: int = 0,
+    platform_shift: float = 0.5,
 ) -> ad.AnnData:
     """Synthetic reference (median 2,000 counts) + spatial cells 10× sparser with a per-gene platform shift."""
     ref, spa = rmge.datasets.synthetic(
@@ -57,7 +58,7 @@ def make_adata(
         n_genes=n_genes,
         n_classes=n_classes,
         spatial_depth_ratio=spatial_depth_ratio,
-        platform_shift=0.5,
+        platform_shift=platform_shift,
         seed=seed,
     )
     spa = spa[np.asarray(spa.X.sum(1)).ravel() > 0].copy()
@@ -300,6 +301,114 @@ def test_auto_dropout_helps_shallow_spatial_cells():
         assert auto.module.dropout.p < 0.5
         gains.append(spatial_accuracy(auto, adata) - spatial_accuracy(heavy, adata))
     assert np.mean(gains) >= 0.015, f"accuracy gains of auto dropout over 0.8: {gains}"
+
+
+def _spatial_depths(adata: ad.AnnData) -> np.ndarray:
+    return np.asarray(adata.X[spatial_indices(adata)].sum(1)).ravel()
+
+
+def test_auto_target_sum_follows_the_capture_agreement(synthetic_adata):
+    # a per-gene platform shift (log-normal, sd 0.5): magnitudes differ between the sides, keep 10,000
+    shifted = synthetic_adata.copy()
+    RMGEModel.setup_anndata(shifted, labels_key=LABELS)
+    model = RMGEModel(shifted)
+    spread = float(np.log(model.module.gene_factor.numpy().astype(np.float64)).std())
+    assert spread > 0.3
+    assert float(model.module.target_sum) == 1e4
+    assert "target sum 10000," in model._model_summary_string
+    # one platform (no shift): the median spatial depth, as scanpy's normalize_total
+    same = make_adata(n_reference=300, n_spatial=300, n_genes=100, platform_shift=0.0, seed=2)
+    RMGEModel.setup_anndata(same, labels_key=LABELS)
+    model = RMGEModel(same)
+    assert float(np.log(model.module.gene_factor.numpy().astype(np.float64)).std()) < 0.3
+    median = float(np.median(_spatial_depths(same)))
+    assert float(model.module.target_sum) == pytest.approx(median)
+    # explicit settings, the original preset, and data without counts on both sides
+    assert float(RMGEModel(same, target_sum=500).module.target_sum) == 500
+    assert float(RMGEModel(shifted, target_sum="median").module.target_sum) == pytest.approx(
+        float(np.median(_spatial_depths(shifted)))
+    )
+    assert float(RMGEModel(same, **RMGEModel.ORIGINAL).module.target_sum) == 1e4
+    assert float(RMGEModel(same, sparsity_matching=False).module.target_sum) == 1e4
+    for bad in ("big", 0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="`target_sum` must be 'auto', 'median' or a positive number"):
+            RMGEModel(same, target_sum=bad)
+    normalised = normalised_spatial(same)
+    RMGEModel.setup_anndata(normalised, labels_key=LABELS)
+    assert float(RMGEModel(normalised).module.target_sum) == 1e4
+
+
+def test_median_target_sum_helps_cells_of_one_platform():
+    # one platform, spatial cells with about 40 counts: near the cells' own depth log1p is almost linear and
+    # a count of 2 weighs about twice a count of 1; with 10,000 both are about log(250 * count)
+    adata = make_adata(
+        n_reference=400, n_spatial=400, n_genes=150, spatial_depth_ratio=0.02, platform_shift=0.0, seed=5
+    )
+    gains = []
+    for seed in (0, 1):
+        auto = train_model(adata.copy(), seed=seed)
+        assert float(auto.module.target_sum) == pytest.approx(float(np.median(_spatial_depths(adata))))
+        fixed = train_model(adata.copy(), seed=seed, target_sum=1e4)
+        gains.append(spatial_accuracy(auto, adata) - spatial_accuracy(fixed, adata))
+    assert np.mean(gains) >= 0.03, f"accuracy gains of the median target sum over 10,000: {gains}"
+
+
+def test_target_sum_reaches_statistics_and_sparse_inference():
+    # the standardisation statistics, the module's forward pass and the compiled sparse pass all scale each
+    # cell to the model's target sum
+    from rmge.model._kernels import sparse_logits
+
+    adata = make_adata(n_reference=200, n_spatial=200, n_genes=80, platform_shift=0.0, seed=3)
+    RMGEModel.setup_anndata(adata, labels_key=LABELS)
+    model = RMGEModel(adata, target_sum=50.0, standardize=True)
+    module = model.module
+    sp_idx = spatial_indices(adata)
+    X = sp.csr_matrix(adata.X[sp_idx], dtype=np.float64)
+    values = sp.diags(50.0 / np.asarray(X.sum(1)).ravel()) @ X
+    values.data = np.log1p(values.data)
+    group = int(np.asarray(model.adata_manager.get_from_registry("batch")).ravel()[sp_idx[0]])
+    np.testing.assert_allclose(
+        module.group_mean[group].numpy(), np.asarray(values.mean(0)).ravel(), rtol=1e-4, atol=1e-5
+    )
+    module.eval()
+    groups = np.asarray(model.adata_manager.get_from_registry("batch")).ravel()[sp_idx].astype(np.int64)
+    dense = torch.from_numpy(X.toarray().astype(np.float32))
+    with torch.no_grad():
+        z_dense = module.inference(dense, torch.from_numpy(groups).view(-1, 1))["z"].numpy()
+        x_norm = module.normalize(dense.clone(), torch.from_numpy(groups))
+    expected = (np.log1p(X.toarray() * (50.0 / np.asarray(X.sum(1)))) - module.group_mean[group].numpy()) / (
+        module.group_std[group].numpy()
+    )
+    np.testing.assert_allclose(x_norm.numpy(), np.clip(expected, -10, 10), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        # the compiled pass of inference (training and prediction on CPU) against the tensor operations
+        np.testing.assert_allclose(z_dense, module.encode(x_norm, dropout=False).numpy(), rtol=1e-4, atol=1e-4)
+    z_sparse = sparse_logits(module, sp.csr_matrix(adata.X[sp_idx]), groups)
+    np.testing.assert_allclose(z_sparse, z_dense, rtol=1e-4, atol=1e-4)
+    # ... and 50 is not 10,000: the same cells give other values under the default
+    default = RMGEModel(adata, target_sum=1e4)
+    assert not np.allclose(default.module.group_mean[group].numpy(), module.group_mean[group].numpy(), atol=0.1)
+
+
+def test_target_sum_is_saved_with_the_model(tmp_path):
+    adata = make_adata(n_reference=200, n_spatial=200, n_genes=80, platform_shift=0.0, seed=3)
+    model = train_model(adata, max_epochs=3, target_sum="median")
+    median = float(np.median(_spatial_depths(adata)))
+    assert float(model.module.target_sum) == pytest.approx(median)
+    path = tmp_path / "median"
+    model.save(str(path), overwrite=True)
+    loaded = RMGEModel.load(str(path), adata=adata, accelerator="cpu")
+    assert float(loaded.module.target_sum) == pytest.approx(median)
+    np.testing.assert_allclose(
+        loaded.predict(soft=True).to_numpy(), model.predict(soft=True).to_numpy(), rtol=1e-5, atol=1e-6
+    )
+    # a model saved before the setting existed: its statistics were computed with 10,000
+    state = torch.load(path / "model.pt", weights_only=False)
+    del state["model_state_dict"]["target_sum"]
+    state["attr_dict"]["init_params_"]["non_kwargs"].pop("target_sum", None)
+    torch.save(state, path / "model.pt")
+    old = RMGEModel.load(str(path), adata=adata, accelerator="cpu")
+    assert float(old.module.target_sum) == 1e4
 
 
 def test_calibration_is_reproducible_and_checks_its_cells(trained):

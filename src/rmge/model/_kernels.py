@@ -357,13 +357,14 @@ def cosine_inputs(
     factor: torch.Tensor | None = None,
     depth: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     seed: int | None = None,
+    target_sum: float | None = None,
     defer: bool = False,
 ):
     """Inputs of the cosine classifier for a dense CPU minibatch of counts, in one compiled pass.
 
     Computes what :func:`thin_counts`, :meth:`rmge.RMGEModule.normalize` and the input side of
     :meth:`rmge.RMGEModule.encode` compute with several tensor operations each (binomial thinning of
-    some rows, normalisation to ``1e4`` counts, ``log1p`` (looked up in a per-cell table for integer
+    some rows, normalisation to ``target_sum`` counts, ``log1p`` (looked up in a per-cell table for integer
     counts), standardisation within each cell's group, clipping, input dropout, centring on the mean
     over genes and division by the norm), reading and writing each entry a few times instead of a
     dozen, and drawing the dropout mask with a fast generator (xoroshiro128+, 16-bit uniforms, seeded
@@ -396,6 +397,8 @@ def cosine_inputs(
     seed
         Seed of the draws (thinning, jitter, dropout mask); ``None``: drawn from torch's generator. A
         caller outside the main thread passes its own, so that torch's generator is read in one order.
+    target_sum
+        Total each cell is scaled to before ``log1p``; ``None``: ``TARGET_SUM`` (10,000).
     defer
         Return a function of no arguments that runs the pass and returns its outputs: every array is
         allocated here, by the calling thread, and the function only runs the compiled kernel (without
@@ -467,7 +470,7 @@ def cosine_inputs(
         np.square(zero, dtype=np.float64).sum(1),
         bool(standardize),
         float(MAX_Z),
-        float(TARGET_SUM),
+        float(TARGET_SUM if target_sum is None else target_sum),
         scale_np,
         factor_np,
         rq,
@@ -585,8 +588,10 @@ def library_proportions(block, is_ref: np.ndarray, prop_sum: np.ndarray) -> np.n
     return lib
 
 
-def log_norm_sums(block, groups, slots, labels, target, factor, rng, sums: dict) -> None:
-    """Add a CSR block's ``log1p(normalize_total(x, 1e4))`` sums per group (and per class) to ``sums``.
+def log_norm_sums(
+    block, groups, slots, labels, target, factor, rng, sums: dict, target_sum: float | None = None
+) -> None:
+    """Add a CSR block's ``log1p(normalize_total(x, target_sum))`` sums per group (and per class) to ``sums``.
 
     Rows with a non-negative ``target`` are first thinned binomially to that depth (retention
     proportional to ``factor``), as :meth:`RMGEModule.thin` does in training.
@@ -610,6 +615,8 @@ def log_norm_sums(block, groups, slots, labels, target, factor, rng, sums: dict)
     sums
         Arrays ``s1``, ``s2`` (groups × genes), ``class_sums`` (reference groups × labels × genes) and
         ``class_n`` (reference groups × labels), updated in place.
+    target_sum
+        Total each cell is scaled to before ``log1p``; ``None``: ``TARGET_SUM`` (10,000).
     """
     width = int(np.diff(block.indptr).max()) if block.shape[0] else 0
     _log_norm_sums(
@@ -622,7 +629,7 @@ def log_norm_sums(block, groups, slots, labels, target, factor, rng, sums: dict)
         np.ascontiguousarray(target, dtype=np.float64),
         np.ascontiguousarray(factor, dtype=np.float64),
         int(rng.integers(0, 2**31 - 1)),
-        float(_target_sum()),
+        float(_target_sum() if target_sum is None else target_sum),
         sums["s1"],
         sums["s2"],
         sums["class_sums"],
@@ -746,8 +753,9 @@ def sparse_logits(module, block, groups: np.ndarray, evidence: np.ndarray | None
     """
     if module.encoder.weight.device.type != "cpu":
         return None
-    from ._module import MAX_Z, TARGET_SUM, unit_rows
+    from ._module import MAX_Z, unit_rows
 
+    target_sum = float(module.target_sum)
     with torch.no_grad():
         w = module.encoder.weight.detach().double()
         cosine = module.classifier != "linear"
@@ -794,7 +802,7 @@ def sparse_logits(module, block, groups: np.ndarray, evidence: np.ndarray | None
             block.indices,
             block.indptr[start : stop + 1],
             groups[start:stop],
-            float(TARGET_SUM),
+            target_sum,
             params,
             weight_t32,
             zero_w,

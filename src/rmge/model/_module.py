@@ -18,7 +18,7 @@ from ._kernels import cosine_inputs, thin_counts
 N_QUANTILES = 1001
 #: Number of quantiles kept of each class's reference library sizes.
 N_CLASS_QUANTILES = 101
-#: Scale of ``normalize_total`` applied to every cell before ``log1p``.
+#: Default scale of ``normalize_total`` before ``log1p`` (see ``RMGEModel(target_sum=...)``).
 TARGET_SUM = 1e4
 #: Standardised values are clipped to this magnitude (as ``sc.pp.scale(max_value=...)``).
 MAX_Z = 10.0
@@ -89,7 +89,7 @@ class RMGEModule(BaseModuleClass):
     group_is_reference
         Boolean per group: whether it holds reference cells.
     group_mean, group_std
-        Per-group gene means and standard deviations of ``log1p(normalize_total(x))``
+        Per-group gene means and standard deviations of ``log1p(normalize_total(x, target_sum))``
         (``n_groups × n_input``), used for per-domain standardisation.
     gene_factor
         Per-gene capture factor of the spatial platform relative to the reference (mean 1).
@@ -144,6 +144,9 @@ class RMGEModule(BaseModuleClass):
         Add the count likelihood of each type's reference profile to the activities of spatial cells at
         prediction (see :meth:`rmge.RMGEModel.calibrate`, which fits the profiles). Meant for counts on
         both sides.
+    target_sum
+        Total each cell's counts are scaled to before ``log1p`` (``normalize_total``); kept with the model
+        (a buffer), since the standardisation statistics are computed with it.
     """
 
     def __init__(
@@ -183,8 +186,12 @@ class RMGEModule(BaseModuleClass):
         pseudo_label_agreement: bool = True,
         n_hidden_discriminator: int = 32,
         count_evidence: bool = False,
+        target_sum: float = TARGET_SUM,
     ):
         super().__init__()
+        if not (np.isfinite(target_sum) and target_sum > 0):
+            raise ValueError(f"`target_sum` must be a positive number, got {target_sum!r}.")
+        self.register_buffer("target_sum", torch.tensor([float(target_sum)]))
         self.n_input = n_input
         self.n_labels = n_labels
         self.n_groups = n_groups
@@ -286,10 +293,10 @@ class RMGEModule(BaseModuleClass):
         return target / weighted_lib.clamp(min=1e-8)
 
     def normalize(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-        """``log1p(normalize_total(x, 1e4))``, then standardisation within the cell's group."""
+        """``log1p(normalize_total(x, target_sum))``, then standardisation within the cell's group."""
         lib = x.sum(-1, keepdim=True)
         # cells thinned to zero give zeros, never NaN; x * scale is a new tensor, so in-place ops below are safe
-        out = torch.log1p_(x * (TARGET_SUM / lib.clamp(min=1.0)))
+        out = torch.log1p_(x * (self.target_sum / lib.clamp(min=1.0)))
         if self.standardize:
             g = group.view(-1).long()
             inv_std = 1.0 / self.group_std
@@ -434,6 +441,7 @@ class RMGEModule(BaseModuleClass):
             factor=self.gene_factor,
             depth=(self.ref_lib_quantiles, self.spatial_lib_quantiles, self.rank_jitter),
             seed=seed,
+            target_sum=float(self.target_sum),
             defer=True,
         )
 
@@ -615,6 +623,9 @@ class RMGEModule(BaseModuleClass):
             # models saved before count evidence: none (depth 0)
             if prefix + name not in state_dict:
                 state_dict[prefix + name] = getattr(self, name).detach().clone()
+        if prefix + "target_sum" not in state_dict:
+            # models saved before the target sum was a setting: their statistics assume 10,000
+            state_dict[prefix + "target_sum"] = torch.full_like(self.target_sum, TARGET_SUM)
         if prefix + "class_lib_quantiles" not in state_dict:
             # unknown: cells without counts get the spatial composition
             state_dict[prefix + "class_lib_quantiles"] = torch.full_like(self.class_lib_quantiles, float("nan"))
