@@ -588,9 +588,7 @@ def library_proportions(block, is_ref: np.ndarray, prop_sum: np.ndarray) -> np.n
     return lib
 
 
-def log_norm_sums(
-    block, groups, slots, labels, target, factor, rng, sums: dict, target_sum: float | None = None
-) -> None:
+def log_norm_sums(block, groups, slots, labels, target, factor, rng, sums: dict, target_sum: float) -> None:
     """Add a CSR block's ``log1p(normalize_total(x, target_sum))`` sums per group (and per class) to ``sums``.
 
     Rows with a non-negative ``target`` are first thinned binomially to that depth (retention
@@ -616,7 +614,7 @@ def log_norm_sums(
         Arrays ``s1``, ``s2`` (groups × genes), ``class_sums`` (reference groups × labels × genes) and
         ``class_n`` (reference groups × labels), updated in place.
     target_sum
-        Total each cell is scaled to before ``log1p``; ``None``: ``TARGET_SUM`` (10,000).
+        Total each cell is scaled to before ``log1p`` (the model's ``target_sum``).
     """
     width = int(np.diff(block.indptr).max()) if block.shape[0] else 0
     _log_norm_sums(
@@ -629,19 +627,13 @@ def log_norm_sums(
         np.ascontiguousarray(target, dtype=np.float64),
         np.ascontiguousarray(factor, dtype=np.float64),
         int(rng.integers(0, 2**31 - 1)),
-        float(_target_sum() if target_sum is None else target_sum),
+        float(target_sum),
         sums["s1"],
         sums["s2"],
         sums["class_sums"],
         sums["class_n"],
         np.empty(max(width, 1)),
     )
-
-
-def _target_sum() -> float:
-    from ._module import TARGET_SUM
-
-    return TARGET_SUM
 
 
 # ----------------------------------------------------------------------------- sparse inference

@@ -91,9 +91,14 @@ def _auto_target_sum(sparsity_matching: bool, gene_factor: np.ndarray, spatial_l
     the median spatial depth (scanpy's ``normalize_total`` default); elsewhere the strong compression of
     ``T = 10,000`` guards against magnitudes that differ between platforms or modalities.
     """
-    if sparsity_matching and len(spatial_lib) and float(np.std(np.log(gene_factor))) < SAME_CAPTURE_SD:
-        return max(float(np.median(spatial_lib)), 1.0)
+    if sparsity_matching and float(np.std(np.log(gene_factor))) < SAME_CAPTURE_SD:
+        return _median_depth(spatial_lib)
     return TARGET_SUM
+
+
+def _median_depth(spatial_lib: np.ndarray) -> float:
+    """Total of ``target_sum="median"``: the median spatial depth (at least 1); 10,000 without spatial cells."""
+    return max(float(np.median(spatial_lib)), 1.0) if len(spatial_lib) else TARGET_SUM
 
 
 def _read_rows(X, r: np.ndarray):
@@ -667,7 +672,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         if target_sum == "auto":
             target_sum = _auto_target_sum(use_thin, factor, lib[~is_ref])
         elif target_sum == "median":
-            target_sum = max(float(np.median(lib[~is_ref])), 1.0) if n_q else TARGET_SUM
+            target_sum = _median_depth(lib[~is_ref])
         target_sum = float(target_sum)
 
         # pass 2: per-group mean and std of log1p(normalize_total) (reference thinned as in training)
