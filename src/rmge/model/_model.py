@@ -1266,13 +1266,16 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
 
         Such a cell has no expression profile, but its depth is evidence: a type whose cells hold
         few counts leaves more cells empty. With counts on both sides (sparsity matching on), the
-        posterior is ``P(type | no counts) ∝ π(type) · P(no counts | type)``, where ``π`` is the spatial
-        composition (:meth:`spatial_composition`) and, under Poisson sampling of a reference cell's
-        library size ``L`` scaled by the spatial depth ratio ``s``, ``P(no counts | type)`` is the mean
-        of ``exp(-s·L)`` over the type's reference cells. ``s`` is the ratio at which the mean depth of
-        non-empty cells (a zero-truncated Poisson mixture over the reference libraries, weighted by
-        ``π``) equals the spatial cells' mean depth. Without counts on both sides (or for a model saved
-        before the class library sizes were kept) the composition itself is returned.
+        posterior is ``P(type | no counts) ∝ π(type) · P(no counts | type)``. Under Poisson sampling of
+        a reference cell's library size ``L`` scaled by the spatial depth ratio ``s``,
+        ``P(no counts | type) = e(type)``, the mean of ``exp(-s·L)`` over the type's reference cells.
+        ``π`` is the composition of *all* spatial cells, empty or not: the composition the model
+        estimates (:meth:`spatial_composition`) is that of the cells with counts, ``π_+``, in which a
+        type that often leaves cells empty is under-represented, so ``π ∝ π_+ / (1 - e)`` and the
+        posterior is ``∝ π_+ · e / (1 - e)``. ``s`` is the ratio at which the mean depth of the cells
+        with counts (the zero-truncated Poisson means of the types, weighted by ``π_+``) equals the
+        spatial cells' mean depth. Without counts on both sides (or for a model saved before the class
+        library sizes were kept) the composition itself is returned.
 
         Returns
         -------
@@ -1282,7 +1285,8 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         likelihood = self._empty_likelihood(comp.to_numpy(dtype=np.float64))
         if likelihood is None:
             return comp
-        post = comp.to_numpy(dtype=np.float64) * likelihood
+        # the composition of the cells with counts, turned into that of all cells: pi ∝ pi_+ / (1 - e)
+        post = comp.to_numpy(dtype=np.float64) * likelihood / np.maximum(1.0 - likelihood, 1e-300)
         if not np.isfinite(post).all() or post.sum() <= 0:
             return comp
         return pd.Series(post / post.sum(), index=comp.index, name="probability")
@@ -1299,10 +1303,11 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         weights = pi / pi.sum()
 
         def truncated_mean(log_s: float) -> float:
+            # pi_+ weighs the cells with counts: the mean of the types' zero-truncated means
             s = np.exp(log_s)
-            mean = (weights * (s * class_q).mean(1)).sum()
-            nonzero = (weights * (-np.expm1(-s * class_q)).mean(1)).sum()
-            return mean / max(nonzero, 1e-300)
+            mean = (s * class_q).mean(1)
+            nonzero = (-np.expm1(-s * class_q)).mean(1)
+            return float((weights * mean / np.maximum(nonzero, 1e-300)).sum())
 
         # the zero-truncated mean rises from 1 (s -> 0) without bound: one root in log s
         lo, hi = -30.0, 10.0
