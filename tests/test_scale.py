@@ -230,6 +230,29 @@ def test_loader_prepares_the_next_minibatch_ahead(small_adata):
     assert all(torch.equal(a["X"], b["X"]) for a, b in zip(first, plain, strict=True))
 
 
+def test_validation_loader_draws_the_same_seeds_every_pass(small_adata):
+    # validation thins the held-out cells with the same draws every time (successive losses compare the
+    # model, not a new draw); training draws afresh on every pass
+    adata = small_adata.copy()
+    RMGEModel.setup_anndata(adata, labels_key=LABELS)
+    source = MinibatchSource(RMGEModel._get_most_recent_anndata_manager(adata))
+    ref = np.flatnonzero((adata.obs["domain"] == "reference").to_numpy())
+    spa = np.flatnonzero((adata.obs["domain"] == "spatial").to_numpy())
+
+    def prepare(batch, seed):
+        return lambda: seed
+
+    def seeds(loader):
+        return [b["rmge_prepared"] for b in loader]
+
+    validation = PairedMinibatches(source, [ref, spa], 32, shuffle=False, seed=3, prepare=prepare)
+    first = seeds(validation)
+    assert len(first) > 1 and len(set(first)) == len(first)
+    assert seeds(validation) == first
+    training = PairedMinibatches(source, [ref, spa], 32, shuffle=True, steps_per_epoch=4, seed=3, prepare=prepare)
+    assert set(seeds(training)).isdisjoint(seeds(training))
+
+
 def test_reconstruction_error_equals_the_reconstruction(small_adata):
     # training computes the reconstruction error without forming x_hat: same values and same gradients
     adata = small_adata.copy()

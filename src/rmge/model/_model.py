@@ -57,6 +57,12 @@ SAME_CAPTURE_SD = 0.3
 #: Pseudo-count (spatial counts of a gene) shrinking the per-gene capture factor towards 1.
 _FACTOR_PSEUDOCOUNT = 10.0
 _MIN_STD = 1e-2
+#: With sparsity matching, the thinned reference statistics (means, standard deviations, the class centroids
+#: the metagenes start from) average several thinning draws of every reference cell, as many as it takes to
+#: make this many thinned cells (at most ``_MAX_STAT_DRAWS``): at a few counts per cell, one draw of a small
+#: reference leaves a class centroid a few dozen counts.
+_STAT_THINNED_CELLS = 50_000
+_MAX_STAT_DRAWS = 64
 #: Training steps of the default stopping point (``train(max_epochs=None)``).
 _DEFAULT_STEPS = 6_000
 #: Longest epoch (in steps) of the default stopping point; longer passes run on across epochs.
@@ -137,6 +143,11 @@ def _row_blocks(X, rows: np.ndarray, block: int = _BLOCK, dtype=np.float64):
             sub = sp.csr_matrix(sub)
             data = sub.data.astype(dtype or sub.dtype)
             yield r, sp.csr_matrix((data, sub.indices.copy(), sub.indptr.copy()), shape=sub.shape)
+
+
+def _stat_draws(n_reference: int) -> int:
+    """Thinning draws of each reference cell for the thinned statistics (see ``_STAT_THINNED_CELLS``)."""
+    return int(np.clip(np.ceil(_STAT_THINNED_CELLS / max(n_reference, 1)), 1, _MAX_STAT_DRAWS))
 
 
 def _stat_block_rows(X, target_nnz: int = 4_000_000) -> int:
@@ -598,7 +609,9 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         """Library-size quantiles, gene capture factors and per-group standardisation statistics.
 
         Two passes over the data in row blocks, each block handled through its non-zero entries (the
-        data are never densified, and backed matrices are read block by block).
+        data are never densified, and backed matrices are read block by block); with sparsity matching,
+        the second pass runs over the reference cells once more for each further thinning draw (see
+        ``_STAT_THINNED_CELLS``: up to 64 draws for a reference of under 800 cells, one from 50,000 cells).
         """
         manager = self.adata_manager
         X = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
@@ -701,6 +714,13 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         slots = np.where(is_ref, slot_of_group[group], -1)
         for r, block in _row_blocks(X, all_rows, block_rows, dtype=None):
             log_norm_sums(block, group[r], slots[r], labels[r], target[r], factor, rng, sums, target_sum)
+        n_draws = _stat_draws(n_ref) if use_thin else 1
+        ref_rows = np.flatnonzero(is_ref)
+        for _ in range(n_draws - 1):
+            # further thinning draws of the reference cells (the spatial cells are not thinned)
+            for r, block in _row_blocks(X, ref_rows, block_rows, dtype=None):
+                log_norm_sums(block, group[r], slots[r], labels[r], target[r], factor, rng, sums, target_sum)
+        n_g = n_g * np.where(gis_ref, n_draws, 1)
         s1, s2 = sums["s1"], sums["s2"]
         class_sums = np.zeros((n_groups, n_labels, n_genes))
         class_n = np.zeros((n_groups, n_labels))

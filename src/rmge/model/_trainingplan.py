@@ -183,6 +183,7 @@ class PairedMinibatches:
     ):
         self.source = source
         self.prepare = prepare
+        self._seed = seed
         self._seeds = np.random.default_rng([seed, 1])
         rng = np.random.default_rng(seed)
         group = source.codes[REGISTRY_KEYS.BATCH_KEY].numpy()
@@ -203,6 +204,10 @@ class PairedMinibatches:
             # exactly one pass over the largest set starts that pass afresh
             if not self.shuffle or (self.steps_per_epoch == self.steps_per_pass == s.steps_per_pass):
                 s.reset()
+        if not self.shuffle:
+            # validation: the same thinning and depth draws every time, so that successive validation losses
+            # differ by the model's change, not by a new draw of the held-out cells' counts
+            self._seeds = np.random.default_rng([self._seed, 1])
         if self.prepare is None:
             for _ in range(self.steps_per_epoch):
                 yield self.source.fetch(self._next_rows())
@@ -521,8 +526,17 @@ class RMGETrainingPlan(TrainingPlan):
         return loss_output.loss.detach()
 
     def validation_step(self, batch, batch_idx):
-        """Loss terms and accuracy on held-out reference cells (with spatial cells for the priors)."""
-        _, _, loss_output = self._step(batch)
+        """Loss terms and accuracy on held-out reference cells (with spatial cells for the priors).
+
+        The held-out reference cells are thinned to the spatial depth with the same draws at every
+        validation, so that successive losses differ by the model's change alone: the loader gives each
+        minibatch's compiled pass the same seeds (CPU), and elsewhere the draws come from torch's generator
+        seeded afresh for the minibatch, in a fork that leaves the training's random numbers as they were.
+        """
+        device = self.module.group_mean.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed((torch.initial_seed() + batch_idx) % 2**63)
+            _, _, loss_output = self._step(batch)
         self._accumulate_terms(loss_output, "validation")
 
     def on_train_epoch_start(self):
