@@ -203,12 +203,18 @@ def test_inference_uses_inputs_prepared_ahead(small_adata):
     assert d["x_norm"] is not prepared["x_norm"] and "z_clean" in d
 
 
-def test_loader_prepares_the_next_minibatch_ahead(small_adata):
+def _loader_inputs(small_adata):
+    """A set-up copy of ``small_adata``, its minibatch source and its reference and spatial rows."""
     adata = small_adata.copy()
     RMGEModel.setup_anndata(adata, labels_key=LABELS)
     source = MinibatchSource(RMGEModel._get_most_recent_anndata_manager(adata))
     ref = np.flatnonzero((adata.obs["domain"] == "reference").to_numpy())
     spa = np.flatnonzero((adata.obs["domain"] == "spatial").to_numpy())
+    return adata, source, ref, spa
+
+
+def test_loader_prepares_the_next_minibatch_ahead(small_adata):
+    _, source, ref, spa = _loader_inputs(small_adata)
     seen = []
 
     def prepare(batch, seed):
@@ -233,11 +239,7 @@ def test_loader_prepares_the_next_minibatch_ahead(small_adata):
 def test_validation_loader_draws_the_same_seeds_every_pass(small_adata):
     # validation thins the held-out cells with the same draws every time (successive losses compare the
     # model, not a new draw); training draws afresh on every pass
-    adata = small_adata.copy()
-    RMGEModel.setup_anndata(adata, labels_key=LABELS)
-    source = MinibatchSource(RMGEModel._get_most_recent_anndata_manager(adata))
-    ref = np.flatnonzero((adata.obs["domain"] == "reference").to_numpy())
-    spa = np.flatnonzero((adata.obs["domain"] == "spatial").to_numpy())
+    _, source, ref, spa = _loader_inputs(small_adata)
 
     def prepare(batch, seed):
         return lambda: seed
@@ -325,12 +327,8 @@ def test_sparse_inference_computes_the_count_evidence(small_adata):
 
 
 def test_loader_visits_every_cell_once_per_pass(small_adata):
-    adata = small_adata.copy()
-    RMGEModel.setup_anndata(adata, labels_key=LABELS)
-    manager = RMGEModel._get_most_recent_anndata_manager(adata)
-    source = MinibatchSource(manager)
-    ref = np.flatnonzero((adata.obs["domain"] == "reference").to_numpy())
-    spa = np.flatnonzero((adata.obs["domain"] == "spatial").to_numpy())[:250]
+    adata, source, ref, spa = _loader_inputs(small_adata)
+    spa = spa[:250]
     loader = PairedMinibatches(source, [ref, spa], batch_size=32, shuffle=True, steps_per_epoch=7, seed=3)
     per_pass = int(np.ceil(len(ref) / 32))
     assert len(loader) == 7 and loader.steps_per_pass == per_pass

@@ -712,13 +712,13 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         else:
             target = np.full(n_obs, -1.0)
         slots = np.where(is_ref, slot_of_group[group], -1)
-        for r, block in _row_blocks(X, all_rows, block_rows, dtype=None):
-            log_norm_sums(block, group[r], slots[r], labels[r], target[r], factor, rng, sums, target_sum)
         n_draws = _stat_draws(n_ref) if use_thin else 1
         ref_rows = np.flatnonzero(is_ref)
-        for _ in range(n_draws - 1):
-            # further thinning draws of the reference cells (the spatial cells are not thinned)
-            for r, block in _row_blocks(X, ref_rows, block_rows, dtype=None):
+        for draw in range(n_draws):
+            # the first pass reads every cell; each further one draws the reference cells' thinning afresh
+            # (the spatial cells are not thinned)
+            rows = all_rows if draw == 0 else ref_rows
+            for r, block in _row_blocks(X, rows, block_rows, dtype=None):
                 log_norm_sums(block, group[r], slots[r], labels[r], target[r], factor, rng, sums, target_sum)
         n_g = n_g * np.where(gis_ref, n_draws, 1)
         s1, s2 = sums["s1"], sums["s2"]
