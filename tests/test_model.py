@@ -411,7 +411,9 @@ def test_target_sum_reaches_statistics_and_sparse_inference():
     expected = (np.log1p(X.toarray() * (50.0 / np.asarray(X.sum(1)))) - module.group_mean[group].numpy()) / (
         module.group_std[group].numpy()
     )
-    np.testing.assert_allclose(x_norm.numpy(), np.clip(expected, -10, 10), rtol=1e-4, atol=1e-4)
+    # counts on both sides: max_value="auto" clips at 3
+    assert float(module.max_value) == 3.0
+    np.testing.assert_allclose(x_norm.numpy(), np.clip(expected, -3, 3), rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         # the compiled pass of inference (training and prediction on CPU) against the tensor operations
         np.testing.assert_allclose(z_dense, module.encode(x_norm, dropout=False).numpy(), rtol=1e-4, atol=1e-4)
@@ -441,6 +443,59 @@ def test_target_sum_is_saved_with_the_model(tmp_path):
     torch.save(state, path / "model.pt")
     old = RMGEModel.load(str(path), adata=adata, accelerator="cpu")
     assert float(old.module.target_sum) == 1e4
+
+
+def test_max_value_clips_every_path_and_is_saved_with_the_model(tmp_path):
+    from rmge.model._kernels import sparse_logits
+
+    adata = make_adata(n_reference=200, n_spatial=200, n_genes=80, seed=3)
+    RMGEModel.setup_anndata(adata, labels_key=LABELS)
+    # "auto": 3 with counts on both sides (sparsity matching), 10 without
+    assert float(RMGEModel(adata).module.max_value) == 3.0
+    assert float(RMGEModel(adata, sparsity_matching=False).module.max_value) == 10.0
+    assert "clip ±3," in RMGEModel(adata)._model_summary_string
+    for bad in (0, -1.0, float("nan"), True, "none"):
+        with pytest.raises(ValueError, match="max_value"):
+            RMGEModel(adata, max_value=bad)
+
+    model = train_model(adata, max_epochs=3, max_value=5.0)
+    module = model.module
+    module.eval()
+    sp_idx = spatial_indices(adata)
+    groups = np.asarray(model.adata_manager.get_from_registry("batch")).ravel()[sp_idx].astype(np.int64)
+    X = sp.csr_matrix(adata.X[sp_idx], dtype=np.float64)
+    dense = torch.from_numpy(X.toarray().astype(np.float32))
+    with torch.no_grad():
+        x_norm = module.normalize(dense.clone(), torch.from_numpy(groups)).numpy()
+        z_dense = module.inference(dense, torch.from_numpy(groups).view(-1, 1))["z"].numpy()
+        z_tensor = module.encode(torch.from_numpy(x_norm), dropout=False).numpy()
+    t = float(module.target_sum)
+    raw = (np.log1p(X.toarray() * (t / np.asarray(X.sum(1)))) - module.group_mean[groups[0]].numpy()) / (
+        module.group_std[groups[0]].numpy()
+    )
+    assert np.abs(raw).max() > 5.0  # the clip matters for these cells
+    np.testing.assert_allclose(x_norm, np.clip(raw, -5, 5), rtol=1e-4, atol=1e-4)
+    # the compiled passes (training inputs, prediction) clip at the same value as the tensor operations
+    np.testing.assert_allclose(z_dense, z_tensor, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(sparse_logits(module, sp.csr_matrix(adata.X[sp_idx]), groups), z_dense, atol=1e-4)
+
+    path = tmp_path / "clip5"
+    model.save(str(path), overwrite=True)
+    loaded = RMGEModel.load(str(path), adata=adata, accelerator="cpu")
+    assert float(loaded.module.max_value) == 5.0
+    np.testing.assert_allclose(
+        loaded.predict(soft=True).to_numpy(), model.predict(soft=True).to_numpy(), rtol=1e-5, atol=1e-6
+    )
+    # a model saved before the setting existed clipped at 10, whatever "auto" gives today
+    state = torch.load(path / "model.pt", weights_only=False)
+    del state["model_state_dict"]["max_value"]
+    state["attr_dict"]["init_params_"]["non_kwargs"].pop("max_value", None)
+    torch.save(state, path / "model.pt")
+    old = RMGEModel.load(str(path), adata=adata, accelerator="cpu")
+    assert float(old.module.max_value) == 10.0
+    with torch.no_grad():
+        old.module.eval()
+        assert float(old.module.normalize(dense.clone(), torch.from_numpy(groups)).abs().max()) > 5.0
 
 
 def test_calibration_is_reproducible_and_checks_its_cells(trained):

@@ -358,6 +358,7 @@ def cosine_inputs(
     depth: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     seed: int | None = None,
     target_sum: float | None = None,
+    max_value: float = 10.0,
     defer: bool = False,
 ):
     """Inputs of the cosine classifier for a dense CPU minibatch of counts, in one compiled pass.
@@ -399,6 +400,8 @@ def cosine_inputs(
         caller outside the main thread passes its own, so that torch's generator is read in one order.
     target_sum
         Total each cell is scaled to before ``log1p``; ``None``: ``TARGET_SUM`` (10,000).
+    max_value
+        Magnitude the standardised values are clipped to.
     defer
         Return a function of no arguments that runs the pass and returns its outputs: every array is
         allocated here, by the calling thread, and the function only runs the compiled kernel (without
@@ -419,7 +422,7 @@ def cosine_inputs(
     group's by the differences, so the work per row grows with its non-zero counts apart from a few
     passes that vectorise (the copy, the dropout mask, centring and scaling).
     """
-    from ._module import MAX_Z, TARGET_SUM
+    from ._module import TARGET_SUM
 
     xn = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
     n, m = xn.shape
@@ -457,7 +460,7 @@ def cosine_inputs(
     inv_np = np.ascontiguousarray(inv_std.detach().cpu().numpy(), dtype=np.float32)
     # each group's standardised value of a zero count, and the sum and sum of squares of that row
     if standardize:
-        zero = np.clip((np.float32(0.0) - mean_np) * inv_np, -MAX_Z, MAX_Z).astype(np.float32)
+        zero = np.clip((np.float32(0.0) - mean_np) * inv_np, -max_value, max_value).astype(np.float32)
     else:
         zero = np.zeros_like(mean_np)
     args = (
@@ -469,7 +472,7 @@ def cosine_inputs(
         zero.sum(1, dtype=np.float64),
         np.square(zero, dtype=np.float64).sum(1),
         bool(standardize),
-        float(MAX_Z),
+        float(max_value),
         float(TARGET_SUM if target_sum is None else target_sum),
         scale_np,
         factor_np,
@@ -745,9 +748,10 @@ def sparse_logits(module, block, groups: np.ndarray, evidence: np.ndarray | None
     """
     if module.encoder.weight.device.type != "cpu":
         return None
-    from ._module import MAX_Z, unit_rows
+    from ._module import unit_rows
 
     target_sum = float(module.target_sum)
+    max_z = float(module.max_value)
     with torch.no_grad():
         w = module.encoder.weight.detach().double()
         cosine = module.classifier != "linear"
@@ -758,7 +762,7 @@ def sparse_logits(module, block, groups: np.ndarray, evidence: np.ndarray | None
         if module.standardize:
             mean = module.group_mean.detach().double().numpy()
             inv_std = 1.0 / module.group_std.detach().double().numpy()
-            zero = np.clip(-mean * inv_std, -MAX_Z, MAX_Z)
+            zero = np.clip(-mean * inv_std, -max_z, max_z)
         else:
             mean = np.zeros((n_groups, n_genes))
             inv_std = np.ones((n_groups, n_genes))
@@ -800,7 +804,7 @@ def sparse_logits(module, block, groups: np.ndarray, evidence: np.ndarray | None
             zero_w,
             zero_sum,
             zero_sq,
-            float(MAX_Z),
+            max_z,
             bool(module.standardize),
             cosine,
             w_sum,

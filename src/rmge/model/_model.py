@@ -28,7 +28,7 @@ from rmge._constants import COUNTS, LOG_NORMALIZED, REGISTRY_KEYS, UNKNOWN_LABEL
 from rmge._validation import check_nonnegative_finite, csr_row_view, detect_value_kind
 
 from ._kernels import library_proportions, log_norm_sums, sparse_logits
-from ._module import N_CLASS_QUANTILES, N_QUANTILES, TARGET_SUM, RMGEModule, unit_rows
+from ._module import MAX_Z, N_CLASS_QUANTILES, N_QUANTILES, TARGET_SUM, RMGEModule, unit_rows
 from ._trainingplan import MinibatchSource, RMGEDataSplitter, RMGETrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,9 @@ DROPOUT_HALF_DEPTH = 10.0
 #: two sides for one platform and normalises to the median spatial depth (two halves of one scRNA-seq data
 #: set: 0.09-0.21; the simulated Stereo-seq sections, capture sd 0.3: 0.43; gene activity -> RNA: 1.7).
 SAME_CAPTURE_SD = 0.3
+#: Clip of the standardised values under ``max_value="auto"`` where both sides hold counts (sparsity matching
+#: on); without it, ``MAX_Z`` (10, as ``sc.pp.scale(max_value=10)``).
+MAX_VALUE_COUNTS = 3.0
 
 #: Pseudo-count (spatial counts of a gene) shrinking the per-gene capture factor towards 1.
 _FACTOR_PSEUDOCOUNT = 10.0
@@ -100,6 +103,19 @@ def _auto_target_sum(sparsity_matching: bool, gene_factor: np.ndarray, spatial_l
     if sparsity_matching and float(np.std(np.log(gene_factor))) < SAME_CAPTURE_SD:
         return _median_depth(spatial_lib)
     return TARGET_SUM
+
+
+def _auto_max_value(sparsity_matching: bool) -> float:
+    """Clip of the standardised values under ``max_value="auto"``.
+
+    Where both sides hold counts (sparsity matching on), a gene that few cells detect has a small mean and
+    standard deviation, and a single count of it standardises to 10 or more: at a few dozen counts per
+    cell, the cell's rarest genes then make most of its profile's norm and of its correlation with each
+    metagene, whether they mark its type or are noise. Clipped at ``MAX_VALUE_COUNTS`` (3), a count weighs
+    at most about three times a typical gene's. Without counts on both sides (log-normalised or
+    continuous values) the usual 10.
+    """
+    return MAX_VALUE_COUNTS if sparsity_matching else MAX_Z
 
 
 def _median_depth(spatial_lib: np.ndarray) -> float:
@@ -232,6 +248,15 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         helps where magnitudes carry over (sparsity series at full depth, macro-F1 0.819 / 0.815 →
         0.840 / 0.835 for seeds 0 / 1); across modalities they do not, and 10,000 compresses them
         (gene activity → PBMC with the median: 0.751 / 0.778 / 0.776 → 0.657 / 0.772 / 0.650).
+    max_value
+        Magnitude the standardised values are clipped to (``sc.pp.scale(max_value=...)``): a positive
+        number, or ``"auto"``: ``MAX_VALUE_COUNTS`` (3) where sparsity matching is on (counts on both
+        sides), else 10. With counts, a single count of a gene few cells detect standardises to 10 or
+        more, and a sparse cell's rarest genes then dominate its correlation with the metagenes; clipped
+        at 3, macro-F1 on the sparsity series at 20 % depth rose from 0.684 to 0.699 (mean of three
+        seeds) and on gene activity → PBMC from 0.761 / 0.769 to 0.808 / 0.801 (seeds 0 / 1). Without
+        counts on both sides (log-normalised MERFISH, ArchR gene activity) 3 cost accuracy (0.805 → 0.795
+        and 0.757 → 0.653), hence 10 there.
     **module_kwargs
         Further keyword arguments of :class:`~rmge.RMGEModule`.
 
@@ -274,6 +299,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         "lr_discriminator": 0.001,
         "count_evidence": False,
         "target_sum": TARGET_SUM,
+        "max_value": MAX_Z,
     }
 
     def __init__(
@@ -303,6 +329,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         weight_decay: float = 0.0,
         count_evidence: bool | Literal["auto"] = False,
         target_sum: float | Literal["auto", "median"] = "auto",
+        max_value: float | Literal["auto"] = "auto",
         **module_kwargs,
     ):
         super().__init__(adata)
@@ -326,11 +353,16 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError(f"`target_sum` must be 'auto', 'median' or a positive number, got {target_sum!r}.")
         if count_evidence not in (True, False, "auto"):
             raise ValueError(f"`count_evidence` must be True, False or 'auto', got {count_evidence!r}.")
+        number = isinstance(max_value, (int, float)) and not isinstance(max_value, bool)
+        if not (max_value == "auto" or (number and np.isfinite(max_value) and max_value > 0)):
+            raise ValueError(f"`max_value` must be 'auto' or a positive number, got {max_value!r}.")
         classes = self.classes_
         n_labels = len(classes)
         stats = self._compute_statistics(sparsity_matching, target_sum)
         if dropout_rate == "auto":
             dropout_rate = _auto_dropout(stats["sparsity_matching"], stats["spatial_lib_quantiles"])
+        if max_value == "auto":
+            max_value = _auto_max_value(stats["sparsity_matching"])
         both_counts = all(kind == COUNTS for kind in stats["value_kinds"].values())
         if count_evidence is True and not both_counts:
             raise ValueError(
@@ -380,12 +412,14 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             label_smoothing=label_smoothing,
             count_evidence=use_counts,
             target_sum=stats["target_sum"],
+            max_value=float(max_value),
             **module_kwargs,
         )
         self._plan_defaults = {"lr": lr, "lr_discriminator": lr_discriminator, "weight_decay": weight_decay}
         self._model_summary_string = (
             f"RMGE model: {self.summary_stats.n_vars} genes, {n_labels} cell types, "
             f"dropout {dropout_rate}, standardize={standardize}, target sum {stats['target_sum']:g}, "
+            f"clip ±{float(max_value):g}, "
             f"sparsity matching={'on' if stats['sparsity_matching'] else 'off'}"
         )
         self.init_params_ = self._get_init_params(locals())

@@ -20,7 +20,8 @@ N_QUANTILES = 1001
 N_CLASS_QUANTILES = 101
 #: Default scale of ``normalize_total`` before ``log1p`` (see ``RMGEModel(target_sum=...)``).
 TARGET_SUM = 1e4
-#: Standardised values are clipped to this magnitude (as ``sc.pp.scale(max_value=...)``).
+#: Default magnitude standardised values are clipped to (as ``sc.pp.scale(max_value=...)``); see
+#: ``RMGEModel(max_value=...)`` for the automatic choice.
 MAX_Z = 10.0
 #: Minibatch entry holding the output of :meth:`RMGEModule.compiled_inputs`, computed ahead by the loader.
 PREPARED_KEY = "rmge_prepared"
@@ -147,6 +148,9 @@ class RMGEModule(BaseModuleClass):
     target_sum
         Total each cell's counts are scaled to before ``log1p`` (``normalize_total``); kept with the model
         (a buffer), since the standardisation statistics are computed with it.
+    max_value
+        Magnitude the standardised values are clipped to (``sc.pp.scale(max_value=...)``); kept with the
+        model (a buffer).
     """
 
     def __init__(
@@ -187,11 +191,17 @@ class RMGEModule(BaseModuleClass):
         n_hidden_discriminator: int = 32,
         count_evidence: bool = False,
         target_sum: float = TARGET_SUM,
+        max_value: float = MAX_Z,
     ):
         super().__init__()
         if not (np.isfinite(target_sum) and target_sum > 0):
             raise ValueError(f"`target_sum` must be a positive number, got {target_sum!r}.")
+        if not (np.isfinite(max_value) and max_value > 0):
+            raise ValueError(f"`max_value` must be a positive number, got {max_value!r}.")
         self.register_buffer("target_sum", torch.tensor([float(target_sum)]))
+        self.register_buffer("max_value", torch.tensor([float(max_value)]))
+        # the same value as a number, read by every normalisation without a device round trip
+        self._max_z = float(max_value)
         self.n_input = n_input
         self.n_labels = n_labels
         self.n_groups = n_groups
@@ -309,9 +319,9 @@ class RMGEModule(BaseModuleClass):
                     for gi, c in zip(values.tolist(), counts.tolist(), strict=True):
                         out[start : start + c].sub_(self.group_mean[gi]).mul_(inv_std[gi])
                         start += c
-                    return out.clamp_(-MAX_Z, MAX_Z)
+                    return out.clamp_(-self._max_z, self._max_z)
             out = (out - self.group_mean[g]).mul_(inv_std[g])
-            out = out.clamp_(-MAX_Z, MAX_Z)
+            out = out.clamp_(-self._max_z, self._max_z)
         return out
 
     # ------------------------------------------------------------------ scvi-tools contract
@@ -442,6 +452,7 @@ class RMGEModule(BaseModuleClass):
             depth=(self.ref_lib_quantiles, self.spatial_lib_quantiles, self.rank_jitter),
             seed=seed,
             target_sum=float(self.target_sum),
+            max_value=self._max_z,
             defer=True,
         )
 
@@ -626,6 +637,10 @@ class RMGEModule(BaseModuleClass):
         if prefix + "target_sum" not in state_dict:
             # models saved before the target sum was a setting: their statistics assume 10,000
             state_dict[prefix + "target_sum"] = torch.full_like(self.target_sum, TARGET_SUM)
+        if prefix + "max_value" not in state_dict:
+            # models saved before the clip was a setting: their profiles were clipped at 10
+            state_dict[prefix + "max_value"] = torch.full_like(self.max_value, MAX_Z)
+        self._max_z = float(state_dict[prefix + "max_value"].reshape(-1)[0])
         if prefix + "class_lib_quantiles" not in state_dict:
             # unknown: cells without counts get the spatial composition
             state_dict[prefix + "class_lib_quantiles"] = torch.full_like(self.class_lib_quantiles, float("nan"))
