@@ -108,11 +108,12 @@ def _auto_target_sum(sparsity_matching: bool, gene_factor: np.ndarray, spatial_l
 def _auto_max_value(sparsity_matching: bool) -> float:
     """Clip of the standardised values under ``max_value="auto"``.
 
-    Where both sides hold counts (sparsity matching on), a gene that few cells detect has a small mean and
-    standard deviation, and a single count of it standardises to 10 or more: at a few dozen counts per
-    cell, the cell's rarest genes then make most of its profile's norm and of its correlation with each
-    metagene, whether they mark its type or are noise. Clipped at ``MAX_VALUE_COUNTS`` (3), a count weighs
-    at most about three times a typical gene's. Without counts on both sides (log-normalised or
+    Where both sides hold counts (sparsity matching on) and cells are shallow, a gene detected (once) in a
+    fraction ``q`` of the cells standardises to about ``sqrt((1 - q) / q)`` where it is seen: 10 or more
+    below ``q = 1 %``, 3 at ``q = 10 %``. A cell of a few dozen counts then has most of its profile's norm,
+    and of its correlation with each metagene, on its rarest genes, whether they mark its type or are
+    noise. Clipped at ``MAX_VALUE_COUNTS`` (3), a count of a rare gene weighs at most about as much as one
+    of a gene seen in a tenth of the cells. Without counts on both sides (log-normalised or
     continuous values) the usual 10.
     """
     return MAX_VALUE_COUNTS if sparsity_matching else MAX_Z
