@@ -623,6 +623,35 @@ def test_history(trained):
     assert acc[-1] >= 0.9
 
 
+def test_history_logger_keeps_the_layout_of_scvi_tools_history():
+    from rmge.model._trainingplan import HistoryLogger
+
+    log = HistoryLogger()
+    log.log_metrics({"a": 1.0, "b": torch.tensor(2.0), "epoch": 0}, step=3)
+    log.log_metrics({"a": 1.5, "epoch": 1}, step=6)
+    log.log_metrics({"a": 1.7, "epoch": 1}, step=6)  # the same epoch again replaces its value
+    log.log_metrics({"loss": 0.5}, step=9)
+    history = log.history
+    expected = pd.DataFrame({"a": [1.0, 1.7]}, index=pd.Index([0, 1], name="epoch"))
+    pd.testing.assert_frame_equal(history["a"], expected)
+    assert history["b"].iloc[0, 0] == 2.0
+    assert history["loss"].index.name == "step" and list(history["loss"].index) == [9]
+    # reading the history leaves later values to be logged
+    log.log_metrics({"a": 2.0, "epoch": 2})
+    assert list(log.history["a"]["a"]) == [1.0, 1.7, 2.0]
+
+
+def test_training_again_appends_to_the_history():
+    adata = make_adata(n_reference=200, n_spatial=200, n_genes=80, seed=4)
+    model = train_model(adata, max_epochs=3)
+    first = model.history["validation_loss"].copy()
+    model.train(max_epochs=2, **TRAIN_KWARGS)
+    after = model.history["validation_loss"]
+    assert len(after) == len(first) + 2
+    np.testing.assert_array_equal(after.index, np.arange(len(after)))
+    pd.testing.assert_frame_equal(after.iloc[: len(first)], first)
+
+
 # ------------------------------------------------------------------ save / load
 
 

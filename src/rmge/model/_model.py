@@ -29,7 +29,7 @@ from rmge._validation import check_nonnegative_finite, csr_row_view, detect_valu
 
 from ._kernels import library_proportions, log_norm_sums, sparse_logits
 from ._module import MAX_Z, N_CLASS_QUANTILES, N_QUANTILES, TARGET_SUM, RMGEModule, unit_rows
-from ._trainingplan import MinibatchSource, RMGEDataSplitter, RMGETrainingPlan
+from ._trainingplan import HistoryLogger, MinibatchSource, RMGEDataSplitter, RMGETrainingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -918,6 +918,8 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         trainer_kwargs["early_stopping"] = early_stopping
         if early_stopping:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        # scvi-tools' default logger, in the same layout, but without a copy of the frame per logged value
+        trainer_kwargs.setdefault("logger", HistoryLogger())
         runner = self._train_runner_cls(
             self,
             training_plan=training_plan,

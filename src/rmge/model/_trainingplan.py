@@ -6,9 +6,12 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from lightning import LightningDataModule
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 from scvi import settings
 from scvi.train import TrainingPlan
 
@@ -387,6 +390,60 @@ class RMGEDataSplitter(LightningDataModule):
 
 #: Terms logged through ``LightningModule.log``: early stopping and the progress bar read them.
 _MONITORED = ("train_loss", "validation_loss")
+
+
+class HistoryLogger(Logger):
+    """In-memory logger of the training metrics, read as ``model.history``.
+
+    Keeps scvi-tools' layout of the history: one DataFrame per metric, indexed by ``epoch`` (or ``step``),
+    with one column named after the metric; a time point logged again replaces the earlier value.
+    scvi-tools' default logger writes each value with ``DataFrame.loc``, which enlarges a copy of the frame:
+    on small data, about 20 terms an epoch over a hundred epochs of three steps, that took about a tenth of
+    the training time. This logger appends to lists and builds the frames when the history is read.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._rows: dict[str, tuple[str, list, list]] = {}
+        self._frames: dict[str, pd.DataFrame] = {}
+
+    @property
+    def name(self) -> str:
+        return "rmge"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        """Hyperparameters are not recorded."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        """Append the values of one time point (``metrics["epoch"]``, ``metrics["step"]`` or ``step``)."""
+        metrics = dict(metrics)
+        if "step" in metrics:
+            kind, point = "step", metrics.pop("step")
+        elif "epoch" in metrics:
+            kind, point = "epoch", metrics.pop("epoch")
+        else:
+            kind, point = "step", step
+        point = point.item() if isinstance(point, torch.Tensor) else point
+        for metric, value in metrics.items():
+            row = self._rows.setdefault(metric, (kind, [], []))
+            row[1].append(point)
+            row[2].append(value.item() if isinstance(value, torch.Tensor) else value)
+            self._frames.pop(metric, None)
+
+    @property
+    def history(self) -> dict[str, pd.DataFrame]:
+        """One DataFrame per metric (index: time point; column: the metric)."""
+        for metric, (kind, points, values) in self._rows.items():
+            if metric not in self._frames:
+                frame = pd.DataFrame({metric: values}, index=pd.Index(points, name=kind))
+                self._frames[metric] = frame[~frame.index.duplicated(keep="last")]
+        return dict(self._frames)
 
 
 class RMGETrainingPlan(TrainingPlan):
