@@ -424,6 +424,17 @@ def test_target_sum_reaches_statistics_and_sparse_inference():
     assert not np.allclose(default.module.group_mean[group].numpy(), module.group_mean[group].numpy(), atol=0.1)
 
 
+def _load_as_saved_before(path, adata, buffers, settings=()) -> RMGEModel:
+    """Load the model saved in ``path`` as one saved before ``buffers`` and the init ``settings`` existed."""
+    state = torch.load(path / "model.pt", weights_only=False)
+    for key in buffers:
+        del state["model_state_dict"][key]
+    for key in settings:
+        state["attr_dict"]["init_params_"]["non_kwargs"].pop(key, None)
+    torch.save(state, path / "model.pt")
+    return RMGEModel.load(str(path), adata=adata, accelerator="cpu")
+
+
 def test_target_sum_is_saved_with_the_model(tmp_path):
     adata = make_adata(n_reference=200, n_spatial=200, n_genes=80, platform_shift=0.0, seed=3)
     model = train_model(adata, max_epochs=3, target_sum="median")
@@ -437,11 +448,7 @@ def test_target_sum_is_saved_with_the_model(tmp_path):
         loaded.predict(soft=True).to_numpy(), model.predict(soft=True).to_numpy(), rtol=1e-5, atol=1e-6
     )
     # a model saved before the setting existed: its statistics were computed with 10,000
-    state = torch.load(path / "model.pt", weights_only=False)
-    del state["model_state_dict"]["target_sum"]
-    state["attr_dict"]["init_params_"]["non_kwargs"].pop("target_sum", None)
-    torch.save(state, path / "model.pt")
-    old = RMGEModel.load(str(path), adata=adata, accelerator="cpu")
+    old = _load_as_saved_before(path, adata, ["target_sum"], ["target_sum"])
     assert float(old.module.target_sum) == 1e4
 
 
@@ -487,11 +494,7 @@ def test_max_value_clips_every_path_and_is_saved_with_the_model(tmp_path):
         loaded.predict(soft=True).to_numpy(), model.predict(soft=True).to_numpy(), rtol=1e-5, atol=1e-6
     )
     # a model saved before the setting existed clipped at 10, whatever "auto" gives today
-    state = torch.load(path / "model.pt", weights_only=False)
-    del state["model_state_dict"]["max_value"]
-    state["attr_dict"]["init_params_"]["non_kwargs"].pop("max_value", None)
-    torch.save(state, path / "model.pt")
-    old = RMGEModel.load(str(path), adata=adata, accelerator="cpu")
+    old = _load_as_saved_before(path, adata, ["max_value"], ["max_value"])
     assert float(old.module.max_value) == 10.0
     with torch.no_grad():
         old.module.eval()
@@ -550,10 +553,7 @@ def test_models_saved_with_one_temperature_still_load(trained, tmp_path):
     model, adata = trained
     path = tmp_path / "one_temperature"
     model.save(str(path), overwrite=True)
-    state = torch.load(path / "model.pt", weights_only=False)
-    del state["model_state_dict"]["reference_calibration_temperature"]
-    torch.save(state, path / "model.pt")
-    loaded = RMGEModel.load(str(path), adata=adata, accelerator="cpu")
+    loaded = _load_as_saved_before(path, adata, ["reference_calibration_temperature"])
     assert float(loaded.module.reference_calibration_temperature) == pytest.approx(
         float(model.module.calibration_temperature)
     )
@@ -565,12 +565,8 @@ def test_models_saved_before_count_evidence_still_load(trained_counts, tmp_path)
     model, adata = trained_counts
     path = tmp_path / "before_counts"
     model.save(str(path), overwrite=True)
-    state = torch.load(path / "model.pt", weights_only=False)
-    for key in ("count_log_profiles", "count_depth", "count_temperature", "class_lib_quantiles"):
-        del state["model_state_dict"][key]
-    state["attr_dict"]["init_params_"]["non_kwargs"].pop("count_evidence", None)
-    torch.save(state, path / "model.pt")
-    loaded = RMGEModel.load(str(path), adata=adata, accelerator="cpu")
+    buffers = ["count_log_profiles", "count_depth", "count_temperature", "class_lib_quantiles"]
+    loaded = _load_as_saved_before(path, adata, buffers, ["count_evidence"])
     assert not loaded.module.has_count_evidence
     sp_idx = spatial_indices(adata)
     z = loaded.get_latent_representation()[sp_idx]
