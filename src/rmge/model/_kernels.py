@@ -358,7 +358,7 @@ def cosine_inputs(
     depth: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     seed: int | None = None,
     target_sum: float | None = None,
-    max_value: float = 10.0,
+    max_value: float | None = None,
     defer: bool = False,
 ):
     """Inputs of the cosine classifier for a dense CPU minibatch of counts, in one compiled pass.
@@ -401,7 +401,7 @@ def cosine_inputs(
     target_sum
         Total each cell is scaled to before ``log1p``; ``None``: ``TARGET_SUM`` (10,000).
     max_value
-        Magnitude the standardised values are clipped to.
+        Magnitude the standardised values are clipped to; ``None``: ``MAX_Z`` (10).
     defer
         Return a function of no arguments that runs the pass and returns its outputs: every array is
         allocated here, by the calling thread, and the function only runs the compiled kernel (without
@@ -422,8 +422,9 @@ def cosine_inputs(
     group's by the differences, so the work per row grows with its non-zero counts apart from a few
     passes that vectorise (the copy, the dropout mask, centring and scaling).
     """
-    from ._module import TARGET_SUM
+    from ._module import MAX_Z, TARGET_SUM
 
+    max_value = MAX_Z if max_value is None else float(max_value)
     xn = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
     n, m = xn.shape
     drop16 = int(round(min(max(dropout, 0.0), 1.0) * 65536))
@@ -472,7 +473,7 @@ def cosine_inputs(
         zero.sum(1, dtype=np.float64),
         np.square(zero, dtype=np.float64).sum(1),
         bool(standardize),
-        float(max_value),
+        max_value,
         float(TARGET_SUM if target_sum is None else target_sum),
         scale_np,
         factor_np,

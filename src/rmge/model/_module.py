@@ -200,8 +200,6 @@ class RMGEModule(BaseModuleClass):
             raise ValueError(f"`max_value` must be a positive number, got {max_value!r}.")
         self.register_buffer("target_sum", torch.tensor([float(target_sum)]))
         self.register_buffer("max_value", torch.tensor([float(max_value)]))
-        # the same value as a number, read by every normalisation without a device round trip
-        self._max_z = float(max_value)
         self.n_input = n_input
         self.n_labels = n_labels
         self.n_groups = n_groups
@@ -319,9 +317,9 @@ class RMGEModule(BaseModuleClass):
                     for gi, c in zip(values.tolist(), counts.tolist(), strict=True):
                         out[start : start + c].sub_(self.group_mean[gi]).mul_(inv_std[gi])
                         start += c
-                    return out.clamp_(-self._max_z, self._max_z)
+                    return out.clamp_(-self.max_value, self.max_value)
             out = (out - self.group_mean[g]).mul_(inv_std[g])
-            out = out.clamp_(-self._max_z, self._max_z)
+            out = out.clamp_(-self.max_value, self.max_value)
         return out
 
     # ------------------------------------------------------------------ scvi-tools contract
@@ -452,7 +450,7 @@ class RMGEModule(BaseModuleClass):
             depth=(self.ref_lib_quantiles, self.spatial_lib_quantiles, self.rank_jitter),
             seed=seed,
             target_sum=float(self.target_sum),
-            max_value=self._max_z,
+            max_value=float(self.max_value),
             defer=True,
         )
 
@@ -640,7 +638,6 @@ class RMGEModule(BaseModuleClass):
         if prefix + "max_value" not in state_dict:
             # models saved before the clip was a setting: their profiles were clipped at 10
             state_dict[prefix + "max_value"] = torch.full_like(self.max_value, MAX_Z)
-        self._max_z = float(state_dict[prefix + "max_value"].reshape(-1)[0])
         if prefix + "class_lib_quantiles" not in state_dict:
             # unknown: cells without counts get the spatial composition
             state_dict[prefix + "class_lib_quantiles"] = torch.full_like(self.class_lib_quantiles, float("nan"))
