@@ -592,7 +592,13 @@ class RMGETrainingPlan(TrainingPlan):
         """
         device = self.module.group_mean.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed((torch.initial_seed() + batch_idx) % 2**63)
+            seed = (torch.initial_seed() + batch_idx) % 2**63
+            # the generators the draws use, not `torch.manual_seed`: on a machine without an initialised GPU that
+            # queues a seeding of every accelerator and records the call stack with it, a few milliseconds each
+            torch.default_generator.manual_seed(seed)
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
             _, _, loss_output = self._step(batch)
         self._accumulate_terms(loss_output, "validation")
 
