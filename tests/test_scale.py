@@ -255,6 +255,32 @@ def test_validation_loader_draws_the_same_seeds_every_pass(small_adata):
     assert set(seeds(training)).isdisjoint(seeds(training))
 
 
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"reduction": "sum"}, {"weight": "w", "label_smoothing": 0.1}, {"reduction": "none"}]
+)
+def test_row_softmax_and_cross_entropy_equal_torch(kwargs):
+    from rmge.model._module import cross_entropy_rows, softmax_rows
+
+    gen = torch.Generator().manual_seed(0)
+    z0 = torch.randn(300, 13, generator=gen, dtype=torch.float64) * 4
+    target = torch.randint(0, 13, (300,), generator=gen)
+    if kwargs.get("weight") == "w":
+        kwargs = {**kwargs, "weight": torch.rand(13, generator=gen, dtype=torch.float64) + 0.1}
+    # values and gradients: ours, then torch's
+    z = z0.clone().requires_grad_(True)
+    p, loss = softmax_rows(z), cross_entropy_rows(z, target, **kwargs)
+    assert p.shape == z.shape and loss.shape == (() if kwargs.get("reduction") != "none" else (300,))
+    (p[:, 0].sum() + loss.sum()).backward()
+    z_ref = z0.clone().requires_grad_(True)
+    p_ref = torch.nn.functional.softmax(z_ref, dim=-1)
+    loss_ref = torch.nn.functional.cross_entropy(z_ref, target, **kwargs)
+    (p_ref[:, 0].sum() + loss_ref.sum()).backward()
+    torch.testing.assert_close(p, p_ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(p.sum(-1), torch.ones(300, dtype=torch.float64))
+
+
 def test_reconstruction_error_equals_the_reconstruction(small_adata):
     # training computes the reconstruction error without forming x_hat: same values and same gradients
     adata = small_adata.copy()
@@ -356,11 +382,45 @@ def test_loader_visits_every_cell_once_per_pass(small_adata):
     assert len(cells[0]) + len(cells[1]) == len(ref)
 
 
+def test_early_stopping_patience_counts_epochs_whatever_the_validation_interval(small_adata):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    adata = small_adata.copy()
+    RMGEModel.setup_anndata(adata, labels_key=LABELS)
+    max_epochs, patience, min_delta = 200, 6, 0.01
+    for every in (1, 4):
+        scvi.settings.seed = 0
+        model = RMGEModel(adata)
+        model.train(
+            max_epochs=max_epochs,
+            check_val_every_n_epoch=every,
+            early_stopping_patience=patience,
+            early_stopping_min_delta=min_delta,
+            calibrate=False,
+            **TRAIN_KWARGS,
+        )
+        stopper = next(c for c in model.trainer.callbacks if isinstance(c, EarlyStopping))
+        checks = int(np.ceil(patience / every))  # patience in validations: 6 epochs -> 6 or 2 validations
+        assert stopper.patience == checks
+        assert stopper.warmup_epochs == int(np.ceil(0.4 * max_epochs / every))  # the warm-up, too
+        val = model.history["validation_loss"]["validation_loss"]
+        assert np.all(val.index % every == every - 1)
+        assert model.trainer.current_epoch < max_epochs  # it stopped early
+        # it stopped `patience` epochs (rounded up to whole validations) after the last improvement (by more
+        # than `min_delta`) after the warm-up
+        best, best_epoch = np.inf, None
+        for epoch, value in val.iloc[stopper.warmup_epochs :].items():
+            if value < best - min_delta:
+                best, best_epoch = value, epoch
+        assert val.index[-1] - best_epoch == checks * every
+
+
 def test_default_stopping_point_caps_long_epochs(small_adata, monkeypatch):
-    # scaled-down constants: a budget of 12 steps, epochs of at most 4 steps
+    # scaled-down constants: a budget of 12 steps, epochs of at most 4 steps, validations 4 steps apart
     monkeypatch.setattr(model_mod, "_DEFAULT_STEPS", 12)
     monkeypatch.setattr(model_mod, "_MAX_DEFAULT_EPOCH_STEPS", 4)
     monkeypatch.setattr(model_mod, "_MAX_DEFAULT_VALIDATION_BATCHES", 1)
+    monkeypatch.setattr(model_mod, "_MIN_DEFAULT_VALIDATION_STEPS", 4)
     adata = small_adata.copy()
     scvi.settings.seed = 0
     RMGEModel.setup_anndata(adata, labels_key=LABELS)
@@ -374,6 +434,10 @@ def test_default_stopping_point_caps_long_epochs(small_adata, monkeypatch):
     assert model.trainer.num_training_batches == 3
     n_val = len(model.validation_indices)
     assert model.trainer.num_val_batches == [int(np.ceil(n_val / 256))]  # every held-out cell
+    # passes of 3 steps validate every ceil(4 / 3) = 2 epochs, at the end of epochs 1, 3, ..., 19
+    assert model.trainer.check_val_every_n_epoch == 2
+    assert len(model.history["train_loss"]) == 20
+    np.testing.assert_array_equal(model.history["validation_loss"].index, np.arange(1, 20, 2))
 
     # a pass of ceil(n / 64) = 10 steps > 4: epochs of 4 steps continue the passes, still 20 epochs
     model = RMGEModel(adata)
@@ -381,6 +445,7 @@ def test_default_stopping_point_caps_long_epochs(small_adata, monkeypatch):
     assert model.trainer.max_epochs == 20
     assert model.trainer.num_training_batches == 4
     assert model.trainer.num_val_batches == [1]  # a fixed subset of the held-out cells
+    assert model.trainer.check_val_every_n_epoch == 1
     assert len(model.history["train_loss"]) == 20
     assert len(model.history["validation_loss"]) == 20
 

@@ -28,7 +28,7 @@ from rmge._constants import COUNTS, LOG_NORMALIZED, REGISTRY_KEYS, UNKNOWN_LABEL
 from rmge._validation import check_nonnegative_finite, csr_row_view, detect_value_kind
 
 from ._kernels import library_proportions, log_norm_sums, sparse_logits
-from ._module import MAX_Z, N_CLASS_QUANTILES, N_QUANTILES, TARGET_SUM, RMGEModule, unit_rows
+from ._module import MAX_Z, N_CLASS_QUANTILES, N_QUANTILES, TARGET_SUM, RMGEModule, cross_entropy_rows, unit_rows
 from ._trainingplan import HistoryLogger, MinibatchSource, RMGEDataSplitter, RMGETrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,11 @@ _DEFAULT_STEPS = 6_000
 _MAX_DEFAULT_EPOCH_STEPS = 300
 #: Minibatches of each validation in that regime (10,240 held-out reference cells at the default batch size).
 _MAX_DEFAULT_VALIDATION_BATCHES = 40
+#: Fewest training steps between two validations of the default stopping point: data of shorter passes
+#: validate every few epochs. On small data a validation (a Lightning evaluation loop and its logging) costs
+#: about as much as a training step; validating a pass of 3 steps at every epoch spent a fifth of the training
+#: time on it.
+_MIN_DEFAULT_VALIDATION_STEPS = 10
 #: Fraction of ``max_epochs`` before early stopping watches the validation loss (with pseudo-labels).
 _EARLY_STOPPING_WARMUP = 0.4
 
@@ -869,6 +874,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             # it looks for parameters a pass leaves unused
             trainer_kwargs["strategy"] = f"{strategy}_find_unused_parameters_true"
         max_validation_batches = None
+        validate_every = 1
         if max_epochs is None:
             steps = int(np.ceil(max(len(ref_idx), len(query_idx)) / batch_size))
             if steps_per_epoch is None and steps > _MAX_DEFAULT_EPOCH_STEPS:
@@ -879,6 +885,8 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             if steps_per_epoch is not None:
                 steps = min(steps, steps_per_epoch)
             max_epochs = int(np.clip(round(_DEFAULT_STEPS / max(steps, 1)), 20, 200))
+            # small data: a validation every few epochs, at least _MIN_DEFAULT_VALIDATION_STEPS steps apart
+            validate_every = int(np.ceil(_MIN_DEFAULT_VALIDATION_STEPS / max(steps, 1)))
         splitter = self._data_splitter_cls(
             self.adata_manager,
             reference_indices=ref_idx,
@@ -911,13 +919,15 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             warmup = max(2 * training_plan.pseudo_label_warmup, _EARLY_STOPPING_WARMUP)
         else:
             warmup = 0.0
-        trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
-        trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
-        trainer_kwargs.setdefault("early_stopping_mode", "min")
-        trainer_kwargs.setdefault("early_stopping_warmup_epochs", int(np.ceil(warmup * max_epochs)))
-        trainer_kwargs["early_stopping"] = early_stopping
         if early_stopping:
-            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+            trainer_kwargs.setdefault("check_val_every_n_epoch", validate_every)
+        # patience and warm-up are given in epochs; early stopping counts validations
+        every = trainer_kwargs.get("check_val_every_n_epoch") or 1
+        trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+        trainer_kwargs.setdefault("early_stopping_patience", int(np.ceil(early_stopping_patience / every)))
+        trainer_kwargs.setdefault("early_stopping_mode", "min")
+        trainer_kwargs.setdefault("early_stopping_warmup_epochs", int(np.ceil(warmup * max_epochs / every)))
+        trainer_kwargs["early_stopping"] = early_stopping
         # scvi-tools' default logger, in the same layout, but without a copy of the frame per logged value
         trainer_kwargs.setdefault("logger", HistoryLogger())
         runner = self._train_runner_cls(
@@ -1003,7 +1013,7 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         def fit(z: torch.Tensor, low: float) -> float:
             grid = torch.logspace(np.log10(low), np.log10(20.0), 400, dtype=torch.float64)
             z = z.double()
-            nll = torch.stack([torch.nn.functional.cross_entropy(z / t, y) for t in grid])
+            nll = torch.stack([cross_entropy_rows(z / t, y) for t in grid])
             return float(grid[int(nll.argmin())])
 
         z_thin = torch.cat(zs)

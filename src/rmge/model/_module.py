@@ -27,6 +27,31 @@ MAX_Z = 10.0
 PREPARED_KEY = "rmge_prepared"
 
 
+def softmax_rows(z: torch.Tensor) -> torch.Tensor:
+    """``F.softmax(z, dim=-1)`` of a matrix of cells x types.
+
+    On CPU it is taken over the first dimension of the transposed view: PyTorch's CPU softmax over a short
+    last dimension loops over the rows one by one, and took 5 times as long for 512 cells x 13 types
+    (2.3 times with its gradient). Same values (the same max-shifted exponentials).
+    """
+    if z.device.type == "cpu" and z.dim() == 2:
+        return torch.softmax(z.t(), dim=0).t()
+    return F.softmax(z, dim=-1)
+
+
+def cross_entropy_rows(z: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``F.cross_entropy(z, target, **kwargs)`` of logits of cells x types (see :func:`softmax_rows`).
+
+    On CPU the logits are passed as one sample of types x cells (PyTorch's form for losses over extra
+    dimensions), whose log-softmax runs across cells: 4 times faster for 512 cells x 13 types. The same loss
+    for every ``reduction``, ``weight`` and ``label_smoothing``.
+    """
+    if z.device.type == "cpu" and z.dim() == 2:
+        loss = F.cross_entropy(z.t().unsqueeze(0), target.unsqueeze(0), **kwargs)
+        return loss.squeeze(0) if kwargs.get("reduction") == "none" else loss
+    return F.cross_entropy(z, target, **kwargs)
+
+
 def unit_rows(w: torch.Tensor) -> torch.Tensor:
     """Rows of ``w`` divided by their Euclidean norm (norms below ``1e-8`` count as ``1e-8``)."""
     return w / w.norm(dim=-1, keepdim=True).clamp(min=1e-8)
@@ -614,13 +639,13 @@ class RMGEModule(BaseModuleClass):
         if calibrated:
             spatial = self.spatial_logits(z, evidence)
             if is_query is None:
-                return F.softmax(spatial, dim=-1)
+                return softmax_rows(spatial)
             reference = z / self.reference_calibration_temperature
-            return F.softmax(torch.where(is_query.view(-1, 1), spatial, reference), dim=-1)
+            return softmax_rows(torch.where(is_query.view(-1, 1), spatial, reference))
         if is_query is not None:
             scale = torch.where(is_query.view(-1, 1), 1.0 / self.temperature, torch.ones_like(self.temperature))
             z = z * scale
-        return F.softmax(z, dim=-1)
+        return softmax_rows(z)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # models saved before these buffers existed: one temperature for both domains; centroids
@@ -680,7 +705,7 @@ class RMGEModule(BaseModuleClass):
         # reference classification
         if n_ref > 0:
             z_ref, labels_ref = z[ref], labels[ref]
-            ce = F.cross_entropy(z_ref, labels_ref, weight=self.class_weights, label_smoothing=self.label_smoothing)
+            ce = cross_entropy_rows(z_ref, labels_ref, weight=self.class_weights, label_smoothing=self.label_smoothing)
             accuracy = (z_ref.detach().argmax(-1) == labels_ref).float().mean()
         else:
             ce, accuracy = zero, zero
@@ -709,7 +734,7 @@ class RMGEModule(BaseModuleClass):
         # entropy (of untempered logits: the temperature is shaped by the adversary alone)
         ent_rows, n_ent = (query, n_query) if self.entropy_on == "spatial" else (ref, n_ref)
         if n_ent > 0:
-            p = F.softmax(z[ent_rows], dim=-1)
+            p = softmax_rows(z[ent_rows])
             entropy = -(p * p.clamp(min=1e-8).log()).sum(-1).mean()
         else:
             entropy = zero
@@ -734,7 +759,9 @@ class RMGEModule(BaseModuleClass):
             if "label_init" in inference_outputs:
                 keep = keep & (inference_outputs["label_init"][query] == pl)
             if bool(keep.any()):
-                pseudo = F.cross_entropy(z[query][keep], pl[keep], weight=self.class_weights, reduction="sum") / n_query
+                pseudo = (
+                    cross_entropy_rows(z[query][keep], pl[keep], weight=self.class_weights, reduction="sum") / n_query
+                )
             else:
                 pseudo = zero
         else:
