@@ -12,6 +12,7 @@ import warnings
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import scvi
@@ -415,6 +416,28 @@ def test_early_stopping_patience_counts_epochs_whatever_the_validation_interval(
         assert val.index[-1] - best_epoch == checks * every
 
 
+def test_sparse_validation_in_the_warmup_keeps_the_early_stopping_decisions(small_adata, monkeypatch):
+    # scaled-down default stopping point: passes of 3 steps, clip(round(165 / 3), 20, 200) = 55 epochs, early
+    # stopping watching from epoch ceil(0.4 * 55) = 22; before it a validation every ceil(10 / 3) = 4 epochs
+    monkeypatch.setattr(model_mod, "_DEFAULT_STEPS", 165)
+    adata = small_adata.copy()
+    RMGEModel.setup_anndata(adata, labels_key=LABELS)
+    runs = {}
+    for name, kwargs in (("default", {}), ("every epoch", {"check_val_every_n_epoch": 1})):
+        scvi.settings.seed = 0
+        model = RMGEModel(adata)
+        model.train(early_stopping_patience=3, early_stopping_min_delta=0.05, **kwargs, **TRAIN_KWARGS)
+        runs[name] = (model.trainer.current_epoch, model.history["validation_loss"]["validation_loss"], model)
+    (stop, val, model), (stop_every, val_every, model_every) = runs["default"], runs["every epoch"]
+    assert stop == stop_every < 55  # stopped early, at the same epoch
+    np.testing.assert_array_equal(val.index[:5], [3, 7, 11, 15, 19])
+    np.testing.assert_array_equal(val.index[5:], np.arange(22, stop))
+    # the watched validations are the same ones, with the same losses; the model is the same
+    pd.testing.assert_series_equal(val.loc[22:], val_every.loc[22:])
+    probs, probs_every = (m.predict(soft=True) for m in (model, model_every))
+    pd.testing.assert_frame_equal(probs, probs_every)
+
+
 def test_default_stopping_point_caps_long_epochs(small_adata, monkeypatch):
     # scaled-down constants: a budget of 12 steps, epochs of at most 4 steps, validations 4 steps apart
     monkeypatch.setattr(model_mod, "_DEFAULT_STEPS", 12)
@@ -434,10 +457,11 @@ def test_default_stopping_point_caps_long_epochs(small_adata, monkeypatch):
     assert model.trainer.num_training_batches == 3
     n_val = len(model.validation_indices)
     assert model.trainer.num_val_batches == [int(np.ceil(n_val / 256))]  # every held-out cell
-    # passes of 3 steps validate every ceil(4 / 3) = 2 epochs, at the end of epochs 1, 3, ..., 19
-    assert model.trainer.check_val_every_n_epoch == 2
+    # passes of 3 steps validate every ceil(4 / 3) = 2 epochs during the warm-up of early stopping (the first
+    # ceil(0.4 * 20) = 8 epochs: after epochs 1, 3, 5, 7), then after every epoch
     assert len(model.history["train_loss"]) == 20
-    np.testing.assert_array_equal(model.history["validation_loss"].index, np.arange(1, 20, 2))
+    expected = np.concatenate([[1, 3, 5, 7], np.arange(8, 20)])
+    np.testing.assert_array_equal(model.history["validation_loss"].index, expected)
 
     # a pass of ceil(n / 64) = 10 steps > 4: epochs of 4 steps continue the passes, still 20 epochs
     model = RMGEModel(adata)
@@ -445,7 +469,6 @@ def test_default_stopping_point_caps_long_epochs(small_adata, monkeypatch):
     assert model.trainer.max_epochs == 20
     assert model.trainer.num_training_batches == 4
     assert model.trainer.num_val_batches == [1]  # a fixed subset of the held-out cells
-    assert model.trainer.check_val_every_n_epoch == 1
     assert len(model.history["train_loss"]) == 20
     assert len(model.history["validation_loss"]) == 20
 

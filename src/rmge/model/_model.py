@@ -29,7 +29,13 @@ from rmge._validation import check_nonnegative_finite, csr_row_view, detect_valu
 
 from ._kernels import library_proportions, log_norm_sums, sparse_logits
 from ._module import MAX_Z, N_CLASS_QUANTILES, N_QUANTILES, TARGET_SUM, RMGEModule, cross_entropy_rows, unit_rows
-from ._trainingplan import HistoryLogger, MinibatchSource, RMGEDataSplitter, RMGETrainingPlan
+from ._trainingplan import (
+    HistoryLogger,
+    MinibatchSource,
+    RMGEDataSplitter,
+    RMGETrainingPlan,
+    WarmupValidationSchedule,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +78,10 @@ _DEFAULT_STEPS = 6_000
 _MAX_DEFAULT_EPOCH_STEPS = 300
 #: Minibatches of each validation in that regime (10,240 held-out reference cells at the default batch size).
 _MAX_DEFAULT_VALIDATION_BATCHES = 40
-#: Fewest training steps between two validations of the default stopping point: data of shorter passes
-#: validate every few epochs. On small data a validation (a Lightning evaluation loop and its logging) costs
-#: about as much as a training step; validating a pass of 3 steps at every epoch spent a fifth of the training
-#: time on it.
+#: Fewest training steps between two validations of the default stopping point during the warm-up of early
+#: stopping: data of shorter passes validate every few epochs until early stopping watches. On small data a
+#: validation (a Lightning evaluation loop and its logging) costs about as much as a training step; validating
+#: a pass of 3 steps at every epoch spent a fifth of the training time on it.
 _MIN_DEFAULT_VALIDATION_STEPS = 10
 #: Fraction of ``max_epochs`` before early stopping watches the validation loss (with pseudo-labels).
 _EARLY_STOPPING_WARMUP = 0.4
@@ -819,7 +825,11 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         epoch is capped at 300 steps: passes then run on across epochs, and validation, early stopping
         and the warm-ups count these epochs, each validation taking at most 40 minibatches (a fixed
         random subset of the held-out cells). Training thus stays at 20 epochs of 300 steps whatever the
-        data size, while data with passes of up to 300 steps train exactly as before.
+        data size, while data with passes of up to 300 steps train exactly as before. Where a pass takes
+        fewer than 10 steps (at most 2,304 cells with the default ``batch_size``), validation runs every
+        ``ceil(10 / steps)`` epochs until early stopping starts watching, then at every epoch: on such
+        data a validation costs about as much as a training step, and early stopping ignores the
+        validations of its warm-up, so it stops at the same epoch as with a validation at every epoch.
 
         Parameters
         ----------
@@ -837,7 +847,8 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
         early_stopping
             Stop when ``validation_loss`` has not improved for ``early_stopping_patience`` epochs.
         early_stopping_patience
-            Epochs without improvement before stopping.
+            Epochs without improvement before stopping. With ``check_val_every_n_epoch=`` given, rounded up
+            to whole validations, as is the warm-up of early stopping.
         shuffle_set_split
             Shuffle reference cells before the validation split.
         calibrate
@@ -885,7 +896,8 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             if steps_per_epoch is not None:
                 steps = min(steps, steps_per_epoch)
             max_epochs = int(np.clip(round(_DEFAULT_STEPS / max(steps, 1)), 20, 200))
-            # small data: a validation every few epochs, at least _MIN_DEFAULT_VALIDATION_STEPS steps apart
+            # small data: during the warm-up of early stopping, a validation every few epochs, at least
+            # _MIN_DEFAULT_VALIDATION_STEPS steps apart
             validate_every = int(np.ceil(_MIN_DEFAULT_VALIDATION_STEPS / max(steps, 1)))
         splitter = self._data_splitter_cls(
             self.adata_manager,
@@ -919,14 +931,24 @@ class RMGEModel(UnsupervisedTrainingMixin, BaseModelClass):
             warmup = max(2 * training_plan.pseudo_label_warmup, _EARLY_STOPPING_WARMUP)
         else:
             warmup = 0.0
-        if early_stopping:
-            trainer_kwargs.setdefault("check_val_every_n_epoch", validate_every)
+        warmup_epochs = int(np.ceil(warmup * max_epochs))
         # patience and warm-up are given in epochs; early stopping counts validations
         every = trainer_kwargs.get("check_val_every_n_epoch") or 1
+        warmup_validations = int(np.ceil(warmup_epochs / every))
+        if early_stopping and "check_val_every_n_epoch" not in trainer_kwargs:
+            trainer_kwargs["check_val_every_n_epoch"] = 1
+            if validate_every > 1 and warmup_epochs >= validate_every:
+                # validations of the warm-up only logged: sparser, with the same early-stopping decisions.
+                # Given to Lightning as the starting interval, so that early stopping checks after each
+                # validation (not at the end of every training epoch)
+                trainer_kwargs["check_val_every_n_epoch"] = validate_every
+                schedule = WarmupValidationSchedule(validate_every, warmup_epochs)
+                trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), schedule]
+                warmup_validations = schedule.warmup_validations
         trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
         trainer_kwargs.setdefault("early_stopping_patience", int(np.ceil(early_stopping_patience / every)))
         trainer_kwargs.setdefault("early_stopping_mode", "min")
-        trainer_kwargs.setdefault("early_stopping_warmup_epochs", int(np.ceil(warmup * max_epochs / every)))
+        trainer_kwargs.setdefault("early_stopping_warmup_epochs", warmup_validations)
         trainer_kwargs["early_stopping"] = early_stopping
         # scvi-tools' default logger, in the same layout, but without a copy of the frame per logged value
         trainer_kwargs.setdefault("logger", HistoryLogger())

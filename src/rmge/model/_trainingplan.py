@@ -10,6 +10,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from lightning import LightningDataModule
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from scvi import settings
@@ -390,6 +391,28 @@ class RMGEDataSplitter(LightningDataModule):
 
 #: Terms logged through ``LightningModule.log``: early stopping and the progress bar read them.
 _MONITORED = ("train_loss", "validation_loss")
+
+
+class WarmupValidationSchedule(Callback):
+    """Validate every ``every`` epochs before epoch ``until``, then at every epoch.
+
+    Early stopping ignores the validations of its warm-up (their losses are only logged), so they can be
+    sparser: set as the warm-up's length in validations, ``until // every``, early stopping then sees
+    exactly the validations, and takes exactly the decisions, of validating at every epoch. Lightning reads
+    ``trainer.check_val_every_n_epoch`` at the end of each epoch.
+    """
+
+    def __init__(self, every: int, until: int):
+        self.every = int(every)
+        self.until = int(until)
+
+    @property
+    def warmup_validations(self) -> int:
+        """Validations before epoch ``until``."""
+        return self.until // self.every
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        trainer.check_val_every_n_epoch = self.every if trainer.current_epoch < self.until else 1
 
 
 class HistoryLogger(Logger):
